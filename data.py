@@ -1,0 +1,565 @@
+"""Hyperspectral data: readers for WHU-OHS and scene folders, per-band float32 normalisation, tiling,
+HSI augmentations, sparse-label splits and the step-indexed loader every trainer uses.
+
+Reflectance is never quantised and tiles are cut, never resized: a 64x64 training tile is a 64x64 window of
+the 512x512 WHU-OHS tile. Decoded rasters are cached as .npy (or the TIFF itself is memory-mapped when it
+is uncompressed), so the hot loop only slices memory maps.
+"""
+import hashlib
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -1
+WHU_SPLITS = ("tr", "val", "ts")
+WHU_BANDS = 32
+WHU_WAVELENGTHS = [466, 480, 500, 520, 536, 550, 566, 580, 596, 610, 626, 640, 656, 670, 686, 700, 716, 730,
+                   746, 760, 776, 790, 806, 820, 836, 850, 866, 880, 896, 910, 926, 940]
+WHU_CLASS_NAMES = ["paddy field", "dry farm", "woodland", "shrubbery", "sparse woodland", "other forest land",
+                   "high-covered grassland", "medium-covered grassland", "low-covered grassland", "river canal",
+                   "lake", "reservoir pond", "beach land", "shoal", "urban built-up", "rural settlement",
+                   "other construction land", "sand", "gobi", "saline-alkali soil", "marshland", "bare land",
+                   "bare rock", "ocean"]
+FILL_BELOW_REFLECTANCE = -0.1  # physically impossible: such pixels are fill values, not dark targets
+STATS_MAX_RASTERS = 256        # mean/std from at most this many rasters (WHU-OHS has 4822 training tiles)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or folder and the problem."""
+
+
+def default_cache_dir():
+    return os.environ.get("HSI_SSL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hsi-ssl"))
+
+
+# ----------------------------------------------------------------------------- reading
+
+class RasterCache:
+    """Memory-mapped rasters for one dataset folder, validated once. manifest.json remembers each file's
+    size/mtime, shape and label maximum so later runs skip decoding and validation entirely."""
+
+    def __init__(self, source, cache_dir):
+        key = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
+        self.dir = os.path.join(cache_dir or default_cache_dir(), f"{os.path.basename(os.path.abspath(source))}-{key}")
+        os.makedirs(self.dir, exist_ok=True)
+        self.manifest_path = os.path.join(self.dir, "manifest.json")
+        self.manifest = _read_json(self.manifest_path) or {}
+        self.dirty = False
+
+    def open(self, path, label=False):
+        """(C, H, W) image or (H, W) label as a read-only memory map."""
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+        st = os.stat(path)
+        sig = [st.st_size, st.st_mtime_ns]
+        key = os.path.abspath(path)
+        entry = self.manifest.get(key)
+        if entry is None or entry["sig"] != sig or (entry["npy"] and not os.path.isfile(entry["npy"])):
+            entry = self._build(path, sig, label)
+            self.manifest[key], self.dirty = entry, True
+        if entry["npy"]:
+            return np.load(entry["npy"], mmap_mode="r"), entry
+        return tifffile.memmap(path, mode="r"), entry
+
+    def _build(self, path, sig, label):
+        try:
+            with _tifffile_errors(path), tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                direct = series.axes in ("YX", "SYX", "QYX", "IYX") and _memmappable(series, path)
+                arr = None if direct else series.asarray()
+            if direct:
+                arr = tifffile.memmap(path, mode="r")
+        except DataError:
+            raise
+        except Exception as e:  # tifffile raises many types on corrupt or truncated files
+            raise DataError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from e
+        if not label:
+            if arr.ndim == 3 and series.axes.endswith("S") and series.axes != "SYX":
+                arr = np.moveaxis(arr, -1, 0)  # (H, W, C) stored pixel-interleaved
+            if arr.ndim != 3:
+                raise DataError(f"{path}: expected a (bands, H, W) image, got shape {arr.shape}")
+        elif arr.ndim != 2:
+            raise DataError(f"{path}: expected a (H, W) label map, got shape {arr.shape}")
+        entry = {"sig": sig, "shape": list(arr.shape), "npy": None}
+        if label:
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise DataError(f"{path}: label must be integer, got {arr.dtype}")
+            entry["label_min"], entry["label_max"] = int(arr.min()), int(arr.max())
+            arr = arr.astype(np.uint8) if entry["label_min"] >= 0 and entry["label_max"] < 256 else arr
+        if not direct:
+            npy = os.path.join(self.dir, hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16] + ".npy")
+            tmp = npy + f".{os.getpid()}.tmp.npy"
+            np.save(tmp, np.ascontiguousarray(arr))
+            os.replace(tmp, npy)  # atomic, so concurrent DDP ranks can race safely
+            entry["npy"] = npy
+        return entry
+
+    def signature(self, path):
+        return self.manifest[os.path.abspath(path)]["sig"]
+
+    def save(self):
+        if self.dirty:
+            _write_json(self.manifest_path, self.manifest)
+            self.dirty = False
+
+
+@contextmanager
+def _tifffile_errors(path):
+    """tifffile logs (rather than raises) many problems with truncated files and returns partial data;
+    turn any such error into a DataError naming the file."""
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if errors:
+        raise DataError(f"{path}: corrupt or truncated TIFF ({errors[0]})")
+
+
+def _memmappable(series, path):
+    """Uncompressed, contiguous TIFF data can be memory-mapped in place (no cache copy)."""
+    offset, nbytes = series.dataoffset, series.nbytes
+    if offset is None:
+        return False
+    if offset + nbytes > os.path.getsize(path):
+        raise DataError(f"{path}: truncated TIFF (data ends at byte {offset + nbytes}, file has "
+                        f"{os.path.getsize(path)})")
+    return True
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+@dataclass
+class Raster:
+    path: str
+    image: np.ndarray             # (C, H, W) raw values, memory-mapped
+    label: np.ndarray = None      # (H, W) raw labels (0 = unlabelled, 1..K), or None
+
+
+@dataclass
+class HSIDataset:
+    """Rasters sharing one band set and one normalisation: a scene, or a split of WHU-OHS."""
+    name: str
+    rasters: list
+    num_classes: int
+    class_names: list
+    wavelengths: list = None
+    value_scale: float = None     # raw value x value_scale = reflectance; None when unknown
+    nodata: float = None
+    signed_view: bool = False     # WHU-OHS uint16 files hold int16 reflectance: view, never wrap
+    mean: np.ndarray = field(default=None, repr=False)
+    std: np.ndarray = field(default=None, repr=False)
+
+    @property
+    def bands(self):
+        return self.rasters[0].image.shape[0]
+
+    def physical(self, raw, out=None):
+        """Raw integers -> float32 (reflectance where the scale is known), written into `out`, and a
+        (H, W) mask of valid pixels (None when all are valid, the common case, to skip the masking)."""
+        if self.signed_view and raw.dtype == np.uint16:
+            raw = raw.view(np.int16)
+        out = np.empty(raw.shape, np.float32) if out is None else out
+        np.copyto(out, raw, casting="unsafe")
+        invalid = None
+        if self.nodata is not None:
+            invalid = (raw == self.nodata).any(0)
+        if self.value_scale is not None:
+            out *= self.value_scale
+            fill = (out < FILL_BELOW_REFLECTANCE).any(0)
+            invalid = fill if invalid is None else invalid | fill
+        if invalid is not None and not invalid.any():
+            invalid = None
+        return out, (None if invalid is None else ~invalid)
+
+    def crop(self, index, y, x, h, w):
+        """A (C, h, w) float32 window in physical units and its (h, w) int64 labels (IGNORE_INDEX where
+        unlabelled or invalid). Invalid pixels, and windows reaching past the border, get the band means."""
+        r = self.rasters[index]
+        C, H, W = r.image.shape
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+        img = np.empty((C, h, w), np.float32)
+        lab = np.full((h, w), IGNORE_INDEX, np.int64)
+        if (y0, x0, y1, x1) != (y, x, y + h, x + w):
+            img[:] = self.mean[:, None, None]
+        if y1 <= y0 or x1 <= x0:
+            return img, lab
+        sub = img[:, y0 - y:y1 - y, x0 - x:x1 - x]
+        _, valid = self.physical(r.image[:, y0:y1, x0:x1], out=sub)
+        if valid is not None:
+            sub[:, ~valid] = self.mean[:, None]
+        if r.label is not None:
+            sub_lab = lab[y0 - y:y1 - y, x0 - x:x1 - x]
+            sub_lab[:] = r.label[y0:y1, x0:x1]
+            sub_lab -= 1  # raw 0 = unlabelled -> IGNORE_INDEX, raw k -> class k-1
+            if valid is not None:
+                sub_lab[~valid] = IGNORE_INDEX
+        return img, lab
+
+    def normalize(self, img):
+        """In place: (x - mean) / std per band."""
+        img -= self.mean[:, None, None]
+        img *= (1 / self.std)[:, None, None]
+        return img
+
+
+def load_datasets(spec, split="tr", cache_dir=None):
+    """`spec`: one folder or a comma-separated list; each a WHU-OHS root or a scene folder."""
+    paths = [p.strip() for p in spec.split(",") if p.strip()]
+    if not paths:
+        raise DataError("--data is empty")
+    return [load_dataset(p, split, cache_dir) for p in paths]
+
+
+def load_dataset(path, split="tr", cache_dir=None):
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such folder")
+    if os.path.isfile(os.path.join(path, "image.tif")):
+        return load_scene(path, cache_dir)
+    if any(os.path.isdir(os.path.join(path, s)) for s in WHU_SPLITS):
+        return load_whu(path, split, cache_dir)
+    raise DataError(f"{path}: neither a scene folder (image.tif) nor a WHU-OHS root (tr/ val/ ts/)")
+
+
+def load_scene(path, cache_dir=None):
+    meta_path = os.path.join(path, "meta.json")
+    meta = _read_json(meta_path) if os.path.isfile(meta_path) else {}
+    cache = RasterCache(path, cache_dir)
+    image, _ = cache.open(os.path.join(path, "image.tif"))
+    gt_path, label, num_classes = os.path.join(path, "gt.tif"), None, 0
+    names = list(meta.get("class_names") or [])
+    if os.path.isfile(gt_path):
+        label, entry = cache.open(gt_path, label=True)
+        _check_label(gt_path, entry, image.shape[1:], len(names) or 255)
+        num_classes = len(names) or entry["label_max"]
+        names = names or [f"class {i + 1}" for i in range(num_classes)]
+    cache.save()
+    wl = meta.get("wavelengths_nm")
+    if wl is not None and len(wl) != image.shape[0]:
+        raise DataError(f"{meta_path}: {len(wl)} wavelengths for an image with {image.shape[0]} bands")
+    ds = HSIDataset(meta.get("name") or os.path.basename(os.path.abspath(path)),
+                    [Raster(os.path.join(path, "image.tif"), image, label)], num_classes, names, wl,
+                    meta.get("value_scale"), meta.get("nodata"))
+    ds.mean, ds.std = band_stats(ds, cache)
+    return ds
+
+
+def load_whu(root, split="tr", cache_dir=None):
+    if split not in WHU_SPLITS:
+        raise DataError(f"{root}: WHU-OHS split must be one of {WHU_SPLITS}, got {split!r}")
+    cache = RasterCache(root, cache_dir)
+    ds = _whu_split(root, split, cache)
+    # Every split is normalised with the training split's statistics.
+    stats_from = ds if split == "tr" else _whu_split(root, "tr", cache)
+    ds.mean, ds.std = band_stats(stats_from, cache)
+    cache.save()
+    return ds
+
+
+def _whu_split(root, split, cache):
+    img_dir, lab_dir = os.path.join(root, split, "image"), os.path.join(root, split, "label")
+    for d in (img_dir, lab_dir):
+        if not os.path.isdir(d):
+            raise DataError(f"{d}: missing folder (expected WHU-OHS layout {split}/image and {split}/label)")
+    names = sorted(f for f in os.listdir(img_dir) if f.lower().endswith((".tif", ".tiff")))
+    if not names:
+        raise DataError(f"{img_dir}: no .tif files")
+    rasters = []
+    for name in names:
+        img_path, lab_path = os.path.join(img_dir, name), os.path.join(lab_dir, name)
+        image, _ = cache.open(img_path)
+        if image.shape[0] != WHU_BANDS:
+            raise DataError(f"{img_path}: {image.shape[0]} bands, WHU-OHS has {WHU_BANDS}")
+        if not os.path.isfile(lab_path):
+            raise DataError(f"{lab_path}: missing label for {img_path}")
+        label, entry = cache.open(lab_path, label=True)
+        _check_label(lab_path, entry, image.shape[1:], len(WHU_CLASS_NAMES))
+        rasters.append(Raster(img_path, image, label))
+    return HSIDataset(f"whu-ohs/{split}", rasters, len(WHU_CLASS_NAMES), WHU_CLASS_NAMES, WHU_WAVELENGTHS,
+                      value_scale=1e-4, signed_view=True)
+
+
+def _check_label(path, entry, image_hw, num_classes):
+    if tuple(entry["shape"]) != tuple(image_hw):
+        raise DataError(f"{path}: label is {tuple(entry['shape'])} but the image is {tuple(image_hw)}")
+    if entry["label_min"] < 0 or entry["label_max"] > num_classes:
+        raise DataError(f"{path}: label values must be 0 (unlabelled) .. {num_classes}, "
+                        f"found {entry['label_min']} .. {entry['label_max']}")
+
+
+def band_stats(ds, cache):
+    """Per-band mean/std in float32 over valid pixels, computed once and cached beside the rasters."""
+    rasters = ds.rasters
+    if len(rasters) > STATS_MAX_RASTERS:
+        pick = np.random.default_rng(0).choice(len(rasters), STATS_MAX_RASTERS, replace=False)
+        rasters = [rasters[i] for i in sorted(pick)]
+    key = hashlib.sha1(json.dumps([cache.signature(r.path) for r in rasters] + [r.path for r in rasters]
+                                  + [ds.value_scale, ds.nodata]).encode()).hexdigest()[:16]
+    path = os.path.join(cache.dir, f"stats-{key}.json")
+    cached = _read_json(path)
+    if cached is None:
+        total = np.zeros(ds.bands), np.zeros(ds.bands), 0
+        s1, s2, n = total
+        for r in rasters:
+            for y in range(0, r.image.shape[1], 256):  # row blocks bound the memory used
+                x, valid = ds.physical(np.asarray(r.image[:, y:y + 256]))
+                v = (x if valid is None else x[:, valid]).reshape(x.shape[0], -1).astype(np.float64)
+                s1, s2, n = s1 + v.sum(1), s2 + (v * v).sum(1), n + v.shape[1]
+        if n == 0:
+            raise DataError(f"{ds.name}: no valid pixels to compute band statistics from")
+        mean = s1 / n
+        std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0))
+        cached = {"mean": mean.tolist(), "std": std.tolist(), "pixels": int(n)}
+        _write_json(path, cached)
+    std = np.asarray(cached["std"], np.float32)
+    return np.asarray(cached["mean"], np.float32), np.where(std > 0, std, 1).astype(np.float32)
+
+
+def check_same_bands(datasets, backbone):
+    counts = {d.name: d.bands for d in datasets}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"backbone '{backbone}' needs one band count, but the datasets differ: {counts}")
+    return datasets[0].bands
+
+
+def display_bands(ds):
+    """Three band indices for a true-colour rendering (670/566/480 nm), or spread bands if unknown."""
+    if ds.wavelengths:
+        wl = np.asarray(ds.wavelengths)
+        return [int(np.abs(wl - t).argmin()) for t in (670, 566, 480)]
+    c = ds.bands
+    return [3 * c // 4, c // 2, c // 4]
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def dihedral(arrays, rng):
+    """The same random rot90 / flip on the last two axes of every array."""
+    k, flip = int(rng.integers(4)), rng.random() < 0.5
+    out = []
+    for a in arrays:
+        a = np.rot90(a, k, axes=(-2, -1))
+        out.append(np.ascontiguousarray(a[..., ::-1] if flip else a))
+    return out
+
+
+def random_resized_crop(img, lab, rng, out_size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Crop a random region (area fraction in `scale`) and resize it to out_size: bilinear for the
+    image, nearest for labels. An augmentation only: tiles themselves are always cut, never resized."""
+    _, H, W = img.shape
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        h, w = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
+        if 0 < h <= H and 0 < w <= W:
+            break
+    else:
+        h, w = H, W
+    y, x = int(rng.integers(H - h + 1)), int(rng.integers(W - w + 1))
+    t = torch.from_numpy(np.ascontiguousarray(img[:, y:y + h, x:x + w]))[None]
+    img = F.interpolate(t, size=(out_size, out_size), mode="bilinear", align_corners=False,
+                        antialias=h > out_size or w > out_size)[0].numpy()
+    lt = torch.from_numpy(np.ascontiguousarray(lab[y:y + h, x:x + w]))[None, None].float()
+    lab = F.interpolate(lt, size=(out_size, out_size), mode="nearest")[0, 0].long().numpy()
+    return img, lab
+
+
+def spectral_jitter(img, rng, brightness=0.0, contrast=0.0, band_gain=0.0):
+    """Photometric jitter that makes sense for reflectance: a global illumination gain, a small per-band
+    gain (calibration / atmosphere), and contrast around each band's spatial mean. No hue or grey-scale
+    tricks: bands are not colours. Works in physical units, before normalisation."""
+    C = img.shape[0]
+    gain = rng.uniform(1 - brightness, 1 + brightness) * rng.uniform(1 - band_gain, 1 + band_gain, C)
+    c = rng.uniform(1 - contrast, 1 + contrast)
+    mean = img.mean(axis=(1, 2), keepdims=True)
+    return ((mean + c * (img - mean)) * gain[:, None, None]).astype(np.float32)
+
+
+@dataclass
+class Augment:
+    """The HSI augmentations every trainer uses; all off by default."""
+    flips: bool = False
+    crop_scale: tuple = None      # random resized crop area range, None = off
+    brightness: float = 0.0
+    contrast: float = 0.0
+    band_gain: float = 0.0
+
+    def __call__(self, img, lab, rng):
+        if self.flips:
+            img, lab = dihedral([img, lab], rng)
+        if self.crop_scale is not None:
+            img, lab = random_resized_crop(img, lab, rng, img.shape[-1], self.crop_scale)
+        if self.brightness or self.contrast or self.band_gain:
+            img = spectral_jitter(img, rng, self.brightness, self.contrast, self.band_gain)
+        return img, lab
+
+
+# ----------------------------------------------------------------------------- tiling
+
+class RandomTiles(torch.utils.data.Dataset):
+    """Random size x size windows cut from all rasters of all datasets (rasters drawn in proportion to
+    their area). Item i is a pure function of (seed, i), so any number of workers and any resume point
+    give the same samples."""
+
+    def __init__(self, datasets, size, seed=0, augment=None, min_labelled=0):
+        self.datasets, self.size, self.seed, self.augment = datasets, size, seed, augment or Augment()
+        self.min_labelled = min_labelled
+        self.index = [(d, r) for d, ds in enumerate(datasets) for r in range(len(ds.rasters))]
+        areas = np.array([np.prod(datasets[d].rasters[r].image.shape[1:]) for d, r in self.index], float)
+        self.cum = np.cumsum(areas / areas.sum())
+
+    def __len__(self):
+        return 2 ** 62  # endless: the step-indexed sampler decides what is read
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng((self.seed, i))
+        for _ in range(100):  # redraw windows without labels when labels are asked for
+            d, r = self.index[min(int(np.searchsorted(self.cum, rng.random())), len(self.index) - 1)]
+            ds = self.datasets[d]
+            _, H, W = ds.rasters[r].image.shape
+            y, x = int(rng.integers(max(H - self.size, 0) + 1)), int(rng.integers(max(W - self.size, 0) + 1))
+            img, lab = ds.crop(r, y, x, self.size, self.size)
+            if (lab != IGNORE_INDEX).sum() >= self.min_labelled:
+                break
+        img, lab = self.augment(img, lab, rng)
+        return torch.from_numpy(ds.normalize(img)), torch.from_numpy(lab), d
+
+
+def grid_windows(H, W, size, overlap):
+    """Top-left corners of size x size windows covering H x W with at least `overlap` px overlap; the
+    last row/column is aligned with the border. Images smaller than a window get one (padded) window."""
+    stride = size - overlap
+    if stride <= 0:
+        raise ValueError(f"overlap {overlap} must be smaller than the window {size}")
+
+    def starts(n):
+        if n <= size:
+            return [0]
+        return sorted(set(list(range(0, n - size, stride)) + [n - size]))
+    return [(y, x) for y in starts(H) for x in starts(W)]
+
+
+class GridTiles(torch.utils.data.Dataset):
+    """Deterministic overlapping windows over every raster, for evaluation: yields the normalised window,
+    its labels and where it came from (raster index, y, x)."""
+
+    def __init__(self, ds, size, overlap):
+        self.ds, self.size = ds, size
+        self.items = [(r, y, x) for r, ras in enumerate(ds.rasters)
+                      for y, x in grid_windows(*ras.image.shape[1:], size, overlap)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        r, y, x = self.items[i]
+        img, lab = self.ds.crop(r, y, x, self.size, self.size)
+        return torch.from_numpy(self.ds.normalize(img)), torch.from_numpy(lab), torch.tensor([r, y, x])
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch indices by step: step s, rank r reads items [(s*world + r)*B, ... + B). Resuming at step s
+    reads exactly what the uninterrupted run would have read."""
+
+    def __init__(self, batch_size, start_step=0, rank=0, world=1):
+        self.B, self.start, self.rank, self.world = batch_size, start_step, rank, world
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            base = (step * self.world + self.rank) * self.B
+            yield list(range(base, base + self.B))
+            step += 1
+
+
+def step_loader(dataset, batch_size, start_step, rank, world, workers, device):
+    """workers=None: 4 per process on GPU; none on CPU, where workers only steal the model's cores."""
+    workers = (4 if device.type == "cuda" else 0) if workers is None else workers
+    # Own generator: otherwise creating the iterator draws from the global torch RNG, which would make a
+    # resumed run's masks differ from the uninterrupted run's.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(batch_size, start_step, rank, world),
+                                       generator=torch.Generator(),
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+# ----------------------------------------------------------------------------- sparse-label splits
+
+def sparse_split(labels, seed, per_class=None, fraction=None):
+    """Train/test masks over labelled pixels: `per_class` pixels (at most half of a small class) or a
+    `fraction` (at least one) of each class go to train, every other labelled pixel to test.
+    labels: (H, W) int with IGNORE_INDEX for unlabelled."""
+    if (per_class is None) == (fraction is None):
+        raise ValueError("give exactly one of per_class and fraction")
+    rng = np.random.default_rng(seed)
+    train = np.zeros(labels.shape, bool)
+    flat = labels.ravel()
+    for c in np.unique(flat[flat != IGNORE_INDEX]):
+        idx = np.flatnonzero(flat == c)
+        n = min(per_class, len(idx) // 2) if per_class is not None else max(1, round(fraction * len(idx)))
+        train.ravel()[rng.choice(idx, n, replace=False)] = True
+    return train, (labels != IGNORE_INDEX) & ~train
+
+
+def save_split(path, train, test, **info):
+    np.savez_compressed(path, train=train, test=test, info=json.dumps(info))
+
+
+def load_split(path, shape):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no saved split")
+    z = np.load(path)
+    if z["train"].shape != tuple(shape):
+        raise DataError(f"{path}: split is {z['train'].shape} but the scene is {tuple(shape)}")
+    return z["train"], z["test"]
+
+
+def scene_labels(ds):
+    """The scene's (H, W) int64 labels with IGNORE_INDEX for unlabelled pixels."""
+    r = ds.rasters[0]
+    if r.label is None:
+        raise DataError(f"{ds.name}: scene has no gt.tif, so it has no labels to split")
+    return ds.crop(0, 0, 0, *r.image.shape[1:])[1]
+
+
+def with_labels(ds, mask):
+    """A copy of a one-raster scene whose labels outside `mask` are unlabelled (e.g. the train split)."""
+    r = ds.rasters[0]
+    label = np.where(mask, np.asarray(r.label), 0).astype(np.uint8)
+    return HSIDataset(**{**ds.__dict__, "rasters": [Raster(r.path, r.image, label)]})
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def render_bands(img, bands):
+    """(C, H, W) tensor -> (3, H, W) in [0, 1] from three bands, each stretched between its 2nd and
+    98th percentile so dark reflectance is still visible."""
+    rgb = img[list(bands)].float()
+    lo = rgb.flatten(1).quantile(0.02, dim=1)[:, None, None]
+    hi = rgb.flatten(1).quantile(0.98, dim=1)[:, None, None]
+    return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)

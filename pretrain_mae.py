@@ -1,0 +1,163 @@
+"""Masked auto-encoder pre-training of a hyperspectral ViT.
+
+    python pretrain_mae.py                                   # small real run on the bundled Indian Pines
+    torchrun --nproc_per_node 2 pretrain_mae.py --out runs/mae2
+    python pretrain_mae.py --data /data/WHU-OHS --size base --batch-size 128 --steps 50000 --out runs/mae_b
+"""
+import argparse
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import common
+import data
+from models import MAE, MAE_DECODER_SIZES, build_backbone, unpatchify
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
+    p.add_argument("--split", default="tr", help="WHU-OHS split to pre-train on (ignored for scene folders)")
+    p.add_argument("--cache-dir", default=None, help="decoded-raster cache (default $HSI_SSL_CACHE or ~/.cache/hsi-ssl)")
+    p.add_argument("--out", default="runs/mae", help="run directory: checkpoint, TensorBoard, metrics.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--backbone", default="vit")
+    p.add_argument("--size", default="tiny", help="tiny | small | base (base = the study's ViT-B)")
+    p.add_argument("--img-size", type=int, default=64, help="tile size in pixels; tiles are cut, never resized")
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--registers", type=int, default=0, help="register tokens (DINOv2 uses 4)")
+    p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-patch normalised targets (MAE paper: better representations)")
+    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size; base: 512 (MAE paper)")
+    p.add_argument("--decoder-depth", type=int, default=None, help="default by --size; base: 8 (MAE paper)")
+    p.add_argument("--decoder-heads", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * effective batch / 256")
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off (MAE uses none)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), help="random resized crop area; "
+                   "pass 1 1 to disable")
+    p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True, help="random rot90/flips")
+    p.add_argument("--brightness", type=float, default=0.0, help="global reflectance gain jitter, e.g. 0.1")
+    p.add_argument("--contrast", type=float, default=0.0)
+    p.add_argument("--band-gain", type=float, default=0.0, help="per-band gain jitter, e.g. 0.02")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPU and on CPUs with native bf16, else fp32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 4 on GPU, 0 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--image-every", type=int, default=100, help="reconstructions to TensorBoard every N steps")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--rgb-bands", type=int, nargs=3, default=None, help="bands shown in pictures (default: true colour)")
+    return p.parse_args(argv)
+
+
+def build_model(args, in_chans):
+    encoder = build_backbone(args.backbone, args.size, in_chans, args.img_size, args.patch_size,
+                             num_registers=args.registers, ffn=args.ffn)
+    dim, depth, heads = MAE_DECODER_SIZES[args.size]
+    return MAE(encoder, args.decoder_dim or dim, args.decoder_depth or depth, args.decoder_heads or heads,
+               args.mask_ratio, args.norm_pix_loss)
+
+
+def log_reconstructions(logger, model, x, pred, ids_masked, bands, step, n=4):
+    """Input | masked input | reconstruction, for the first n images, from three bands."""
+    x = x[:n].float()
+    recon, mask = model.reconstruct(x, pred[:n], ids_masked[:n])
+    p, (h, w) = model.encoder.patch_size, model.encoder.grid
+    pixel_mask = unpatchify(mask[..., None].expand(-1, -1, p * p), p, 1, h, w)  # (n, 1, H, W)
+    rows = [torch.cat([data.render_bands(x[i], bands), data.render_bands(x[i], bands) * (1 - pixel_mask[i]),
+                       data.render_bands(recon[i], bands)], dim=2) for i in range(len(x))]
+    logger.image("reconstruction", torch.cat(rows, dim=1), step)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.init_distributed(args.device)
+    try:
+        train(args, rank, world, device)
+    finally:
+        common.cleanup_distributed()
+
+
+def train(args, rank, world, device):
+    common.seed_everything(args.seed, rank)
+    dtype = common.resolve_dtype(args.dtype, device)
+    ckpt_path = common.prepare_out_dir(args.out, args.resume)
+    datasets = data.load_datasets(args.data, args.split, args.cache_dir)
+    in_chans = data.check_same_bands(datasets, args.backbone)
+    model = build_model(args, in_chans).to(device)
+    lr = common.scaled_lr(args.blr, args.batch_size, world)
+    common.print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {in_chans} bands | "
+                  f"lr {lr:.2e} (blr {args.blr} x {args.batch_size * world} / 256) | {dtype} on {device}")
+    optimizer = common.adamw(model, lr, args.weight_decay, device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.steps, args.warmup_steps)
+    start = 0
+    if args.resume:
+        ckpt = common.load_checkpoint(ckpt_path)
+        common.check_config(ckpt["backbone"], model.encoder.config, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        common.restore_rng(ckpt["rng"], rank)
+        start = ckpt["step"]
+        common.print0(f"resumed {ckpt_path} at step {start}")
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    augment = data.Augment(args.flips, None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale),
+                           args.brightness, args.contrast, args.band_gain)
+    tiles = data.RandomTiles(datasets, args.img_size, args.seed, augment)
+    batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
+    bands = args.rgb_bands or data.display_bands(datasets[0])
+    logger = common.Logger(args.out, args)
+    loss_sum, n = torch.zeros((), device=device), 0
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
+    logger.throughput(start, 0)
+    for step in bar:
+        x = next(batches)[0].to(device, non_blocking=True)  # (B, C, H, W) normalised
+        common.set_lr(optimizer, lr_schedule[step])
+        with common.autocast(device, dtype):
+            loss, pred, ids_masked = ddp(x)
+        scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        n += 1
+        done = step + 1
+        save = done % args.ckpt_every == 0 or done == args.steps
+        if save or done % args.log_every == 0:  # the only host syncs: every log interval
+            common.all_reduce_mean(loss_sum)
+            common.check_finite(loss_sum, done, ckpt_path)
+            stats = {"loss": loss_sum.item() / n, "lr": float(lr_schedule[step])}
+            rate = logger.throughput(done, args.batch_size * world)
+            if rate:
+                stats["img_per_s"] = rate
+            logger.scalars(done, stats)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.1e}")
+            loss_sum.zero_()
+            n = 0
+        if done % args.image_every == 0 and common.is_main():
+            log_reconstructions(logger, model, x, pred.detach(), ids_masked, bands, done)
+        if save:
+            if not common.params_finite(model):
+                raise FloatingPointError(f"non-finite weights at step {done}; last good checkpoint kept at {ckpt_path}")
+            common.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                   scaler=scaler.state_dict(), step=done, args=vars(args),
+                                   backbone=model.encoder.config, kind="mae")
+    logger.close()
+    common.print0(f"done: {args.steps} steps, checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain_mae
+from conftest import write_scene
+from models import MAE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def args_for(scene, out, cache_dir, steps=6, *extra):
+    return ["--data", scene, "--out", str(out), "--cache-dir", cache_dir, "--steps", str(steps),
+            "--img-size", "32", "--batch-size", "4", "--warmup-steps", "2", "--blr", "1e-2",
+            "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
+            "--log-every", "1", "--ckpt-every", "3", "--image-every", "2", "--workers", "0", *extra]
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows}  # a resumed run re-logs steps after its checkpoint
+
+
+class Interrupt(Exception):
+    pass
+
+
+def fail_at_call(monkeypatch, n, make_result):
+    """Make the n-th MAE forward call return make_result(real result)."""
+    real, calls = MAE.forward, [0]
+
+    def forward(self, x):
+        calls[0] += 1
+        result = real(self, x)
+        return make_result(result) if calls[0] == n else result
+    monkeypatch.setattr(MAE, "forward", forward)
+
+
+def test_resume_continues_exactly(scene, cache_dir, tmp_path, monkeypatch):
+    pretrain_mae.main(args_for(scene, tmp_path / "a", cache_dir))
+    full = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+
+    def interrupt(result):
+        raise Interrupt()
+    with monkeypatch.context() as m:
+        fail_at_call(m, 5, interrupt)  # dies during step 5, after the step-3 checkpoint
+        with pytest.raises(Interrupt):
+            pretrain_mae.main(args_for(scene, tmp_path / "b", cache_dir))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
+    pretrain_mae.main(args_for(scene, tmp_path / "b", cache_dir, 6, "--resume"))
+    resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert os.listdir(tmp_path / "a" / "tb")
+
+
+def test_loss_goes_down(scene, cache_dir, tmp_path):
+    pretrain_mae.main(args_for(scene, tmp_path / "r", cache_dir, 40, "--ckpt-every", "40", "--blr", "0.1"))
+    curve = list(losses(tmp_path / "r").values())
+    assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5, curve
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(scene, cache_dir, tmp_path, monkeypatch):
+    fail_at_call(monkeypatch, 5, lambda r: (r[0] * float("nan"), *r[1:]))
+    with pytest.raises(FloatingPointError, match="non-finite loss.*ckpt.pt"):
+        pretrain_mae.main(args_for(scene, tmp_path / "n", cache_dir, 6, "--log-every", "3"))
+    ckpt = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_refuses_mismatched_checkpoint_and_overwrite(scene, cache_dir, tmp_path):
+    out = tmp_path / "m"
+    pretrain_mae.main(args_for(scene, out, cache_dir, 3))
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain_mae.main(args_for(scene, out, cache_dir, 3))
+    other = write_scene(tmp_path / "other", bands=12)
+    with pytest.raises(ValueError, match=r"ckpt.pt: checkpoint was trained on 16 bands but the data has 12"):
+        pretrain_mae.main(args_for(other, out, cache_dir, 6, "--resume"))
+    with open(out / "ckpt.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="ckpt.pt: cannot read checkpoint"):
+        pretrain_mae.main(args_for(scene, out, cache_dir, 6, "--resume"))
+
+
+def test_torchrun_two_processes_gloo(scene, cache_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           os.path.join(ROOT, "pretrain_mae.py"), *args_for(scene, out, cache_dir, 4)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
+    assert len(losses(out)) == 4
