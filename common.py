@@ -89,6 +89,7 @@ def autocast(device, dtype):
 
 def cosine_schedule(base, final, total_steps, warmup_steps=0, start_warmup=0.0):
     """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
+    warmup_steps = min(warmup_steps, total_steps)
     warmup = np.linspace(start_warmup, base, warmup_steps, endpoint=False)
     t = np.arange(total_steps - warmup_steps) / max(1, total_steps - warmup_steps)
     cosine = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t))
