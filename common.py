@@ -140,8 +140,16 @@ def gather_rng_states():
     return states
 
 
-def save_checkpoint(path, **state):
-    """Atomic: write to a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
+def save_checkpoint(path, step, args, backbone, **stateful):
+    """Atomic: write to a temporary file, then rename, so a crash never leaves a half-written checkpoint.
+    `stateful`: name -> object with state_dict() (model, optimizer, scaler, ...). Weights are checked
+    first so a diverged model never replaces the last good checkpoint."""
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.nn.Module) and not params_finite(obj):
+            raise FloatingPointError(f"non-finite weights in {name} at step {step}; "
+                                     f"the last good checkpoint is kept at {path}")
+    state = {name: obj.state_dict() for name, obj in stateful.items()}
+    state.update(step=step, args=vars(args), backbone=backbone)
     state["rng"] = gather_rng_states()  # collective: every rank must call this function
     if is_main():
         tmp = f"{path}.tmp"
@@ -149,6 +157,17 @@ def save_checkpoint(path, **state):
         os.replace(tmp, path)
     if dist.is_initialized():
         dist.barrier()
+
+
+def resume(path, rank, backbone, **stateful):
+    """Load everything save_checkpoint wrote back into `stateful` and this rank's RNG; returns the step."""
+    ckpt = load_checkpoint(path)
+    check_config(ckpt["backbone"], backbone, path)
+    for name, obj in stateful.items():
+        obj.load_state_dict(ckpt[name])
+    restore_rng(ckpt["rng"], rank)
+    print0(f"resumed {path} at step {ckpt['step']}")
+    return ckpt["step"]
 
 
 def load_checkpoint(path):
@@ -190,11 +209,31 @@ def prepare_out_dir(out, resume):
     return ckpt
 
 
-def check_finite(loss_sum, step, ckpt_path):
-    """loss_sum accumulates every step's loss since the last check, so one NaN anywhere poisons it."""
-    if not torch.isfinite(loss_sum).all():
-        raise FloatingPointError(f"non-finite loss at or before step {step}; stopping. The last good checkpoint "
-                                 f"is kept at {ckpt_path} (if one was written). Lower --lr or check the data.")
+class Meters:
+    """Per-step scalars kept on the device and averaged over steps and ranks only when flushed, so the
+    training loop syncs with the host once per log interval, not every step."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, **values):
+        for k, v in values.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def flush(self, step, ckpt_path):
+        """Means since the last flush. Raises on a non-finite loss: one NaN anywhere poisons its sum."""
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        means = all_reduce_mean(means).tolist()
+        self.sums, self.count = {}, 0
+        out = dict(zip(keys, means))
+        if not math.isfinite(out.get("loss", 0.0)):
+            raise FloatingPointError(f"non-finite loss at or before step {step}; stopping. The last good "
+                                     f"checkpoint is kept at {ckpt_path} (if one was written). Lower the lr "
+                                     "or check the data.")
+        return out
 
 
 def params_finite(model):
@@ -214,33 +253,28 @@ def git_sha():
 class Logger:
     """TensorBoard + metrics.jsonl on rank 0; a no-op elsewhere. Images are (3, H, W) floats in [0, 1]."""
 
-    def __init__(self, out, args):
+    def __init__(self, out, args, start_step=0):
         self.enabled = is_main()
-        self.writer = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(out, "tb"))
             self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a")
             self.writer.add_text("args", json.dumps(vars(args), indent=1, default=str))
             print0(f"git {git_sha()} | args {json.dumps(vars(args), default=str)}")
-        self.t0, self.last_step = time.time(), None
+        self.t0, self.last_step = time.time(), start_step
 
-    def scalars(self, step, values):
+    def scalars(self, step, values, images=None):
+        """Log values; with `images` (per step, all ranks) also img_per_s since the previous call."""
+        now = time.time()
+        if images and step > self.last_step:
+            values = {**values, "img_per_s": (step - self.last_step) * images / (now - self.t0)}
+        self.t0, self.last_step = now, step
         if not self.enabled:
             return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
-
-    def throughput(self, step, images_per_step):
-        """Images/s since the previous call (all ranks together)."""
-        now = time.time()
-        rate = None
-        if self.last_step is not None and step > self.last_step:
-            rate = (step - self.last_step) * images_per_step / (now - self.t0)
-        self.t0, self.last_step = now, step
-        return rate
 
     def image(self, tag, img, step):
         if self.enabled:

@@ -556,10 +556,11 @@ def with_labels(ds, mask):
 
 # ----------------------------------------------------------------------------- pictures
 
-def render_bands(img, bands):
+def render_bands(img, bands, ref=None):
     """(C, H, W) tensor -> (3, H, W) in [0, 1] from three bands, each stretched between its 2nd and
-    98th percentile so dark reflectance is still visible."""
+    98th percentile (of `ref` when given, so a prediction is shown on the same scale as its input)."""
     rgb = img[list(bands)].float()
-    lo = rgb.flatten(1).quantile(0.02, dim=1)[:, None, None]
-    hi = rgb.flatten(1).quantile(0.98, dim=1)[:, None, None]
+    ref = rgb if ref is None else ref[list(bands)].float()
+    lo = ref.flatten(1).quantile(0.02, dim=1)[:, None, None]
+    hi = ref.flatten(1).quantile(0.98, dim=1)[:, None, None]
     return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
