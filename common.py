@@ -96,6 +96,14 @@ def cosine_schedule(base, final, total_steps, warmup_steps=0, start_warmup=0.0):
     return np.concatenate([warmup, cosine])
 
 
+def poly_schedule(base, total_steps, power=0.9, warmup_steps=0):
+    """Per-iteration values: linear warm-up, then base * (1 - t/T)^power (the segmentation standard)."""
+    warmup_steps = min(warmup_steps, total_steps)
+    warmup = np.linspace(0, base, warmup_steps, endpoint=False)
+    t = np.arange(total_steps - warmup_steps) / max(1, total_steps - warmup_steps)
+    return np.concatenate([warmup, base * (1 - t) ** power])
+
+
 def scaled_lr(base_lr, batch_size, world_size, reference_batch=256):
     return base_lr * batch_size * world_size / reference_batch
 
@@ -140,16 +148,18 @@ def gather_rng_states():
     return states
 
 
-def save_checkpoint(path, step, args, backbone, **stateful):
+def save_checkpoint(path, step, args, backbone, backbone_key, extra=None, **stateful):
     """Atomic: write to a temporary file, then rename, so a crash never leaves a half-written checkpoint.
-    `stateful`: name -> object with state_dict() (model, optimizer, scaler, ...). Weights are checked
-    first so a diverged model never replaces the last good checkpoint."""
+    `stateful`: name -> object with state_dict() (model, optimizer, scaler, ...). `backbone` is the
+    backbone's config and `backbone_key` = (stateful name, key prefix) says where its weights are, so any
+    trainer's checkpoint can initialise another (`backbone_weights`). Weights are checked first so a
+    diverged model never replaces the last good checkpoint."""
     for name, obj in stateful.items():
         if isinstance(obj, torch.nn.Module) and not params_finite(obj):
             raise FloatingPointError(f"non-finite weights in {name} at step {step}; "
                                      f"the last good checkpoint is kept at {path}")
     state = {name: obj.state_dict() for name, obj in stateful.items()}
-    state.update(step=step, args=vars(args), backbone=backbone)
+    state.update(step=step, args=vars(args), backbone=backbone, backbone_key=backbone_key, **(extra or {}))
     state["rng"] = gather_rng_states()  # collective: every rank must call this function
     if is_main():
         tmp = f"{path}.tmp"
@@ -177,6 +187,12 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated/corrupt files
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def backbone_weights(ckpt):
+    """The backbone's state dict from any trainer's checkpoint."""
+    key, prefix = ckpt["backbone_key"]
+    return {k[len(prefix):]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
 
 
 def check_config(saved, current, path):

@@ -172,6 +172,7 @@ class HSIDataset:
     value_scale: float = None     # raw value x value_scale = reflectance; None when unknown
     nodata: float = None
     signed_view: bool = False     # WHU-OHS uint16 files hold int16 reflectance: view, never wrap
+    kind: str = "scene"           # "scene" (one raster, sparse labels) or "whu" (tiles with dense labels)
     mean: np.ndarray = field(default=None, repr=False)
     std: np.ndarray = field(default=None, repr=False)
 
@@ -301,7 +302,7 @@ def _whu_split(root, split, cache):
         _check_label(lab_path, entry, image.shape[1:], len(WHU_CLASS_NAMES))
         rasters.append(Raster(img_path, image, label))
     return HSIDataset(f"whu-ohs/{split}", rasters, len(WHU_CLASS_NAMES), WHU_CLASS_NAMES, WHU_WAVELENGTHS,
-                      value_scale=1e-4, signed_view=True)
+                      value_scale=1e-4, signed_view=True, kind="whu")
 
 
 def _check_label(path, entry, image_hw, num_classes):
@@ -347,13 +348,14 @@ def check_same_bands(datasets, backbone):
     return datasets[0].bands
 
 
-def display_bands(ds):
-    """Three band indices for a true-colour rendering (670/566/480 nm), or spread bands if unknown."""
+def display_bands(ds, false_colour=False):
+    """Three band indices: true colour (670/566/480 nm) or false colour (840/670/566 nm, vegetation
+    red); spread over the bands when wavelengths are unknown."""
     if ds.wavelengths:
         wl = np.asarray(ds.wavelengths)
-        return [int(np.abs(wl - t).argmin()) for t in (670, 566, 480)]
+        return [int(np.abs(wl - t).argmin()) for t in ((840, 670, 566) if false_colour else (670, 566, 480))]
     c = ds.bands
-    return [3 * c // 4, c // 2, c // 4]
+    return [c - 1, c // 2, c // 4] if false_colour else [3 * c // 4, c // 2, c // 4]
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -465,13 +467,13 @@ def grid_windows(H, W, size, overlap):
 
 
 class GridTiles(torch.utils.data.Dataset):
-    """Deterministic overlapping windows over every raster, for evaluation: yields the normalised window,
-    its labels and where it came from (raster index, y, x)."""
+    """Deterministic overlapping windows over every raster (or the listed ones), for evaluation: yields
+    the normalised window, its labels and where it came from (raster index, y, x)."""
 
-    def __init__(self, ds, size, overlap):
+    def __init__(self, ds, size, overlap, rasters=None):
         self.ds, self.size = ds, size
-        self.items = [(r, y, x) for r, ras in enumerate(ds.rasters)
-                      for y, x in grid_windows(*ras.image.shape[1:], size, overlap)]
+        rasters = range(len(ds.rasters)) if rasters is None else rasters
+        self.items = [(r, y, x) for r in rasters for y, x in grid_windows(*ds.rasters[r].image.shape[1:], size, overlap)]
 
     def __len__(self):
         return len(self.items)

@@ -81,11 +81,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def qkv_heads(self, x):
+        B, N, D = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv_heads(x)
         x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels where available
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+    def weights(self, x):
+        """The softmax attention matrix (B, heads, N, N), which SDPA never materialises; for pictures."""
+        q, k, _ = self.qkv_heads(x)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
 
 
 class Mlp(nn.Module):
@@ -222,11 +231,44 @@ class VisionTransformer(nn.Module):
         return outs
 
 
+    def feature_dims(self, levels):
+        return [self.embed_dim] * levels
+
+    @torch.no_grad()
+    def cls_attention(self, x):
+        """Last block's attention from CLS to every patch, (B, heads, h, w)."""
+        h, w = self.grid_size(x)
+        t = self.embed(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        attn = self.blocks[-1].attn.weights(self.blocks[-1].norm1(t))
+        return attn[:, :, 0, self.num_prefix:].reshape(x.shape[0], -1, h, w)
+
+
+class PixelBackbone(nn.Module):
+    """No parameters: the 'features' are the normalised spectrum of every pixel at full resolution, so a
+    linear decoder on top is a per-pixel linear classifier, the control any spatial model must beat."""
+
+    def __init__(self, in_chans):
+        super().__init__()
+        self.in_chans = in_chans
+
+    def intermediate_layers(self, x, blocks=1):
+        return [(None, x)]
+
+    def feature_dims(self, levels):
+        return [self.in_chans]
+
+
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
     """The one factory every script uses. The returned module carries `.config`, which checkpoints store
     and `build_backbone(**config)` rebuilds."""
+    if name == "pixel":
+        model = PixelBackbone(in_chans)
+        model.config = dict(name=name, in_chans=in_chans)
+        return model
     if name != "vit":
-        raise ValueError(f"unknown backbone {name!r}; available: vit")
+        raise ValueError(f"unknown backbone {name!r}; available: vit, pixel")
     if size not in VIT_SIZES:
         raise ValueError(f"unknown size {size!r}; available: {', '.join(VIT_SIZES)}")
     dim, depth, heads = VIT_SIZES[size]
@@ -308,3 +350,57 @@ class MAE(nn.Module):
         patches = patches.scatter(1, ids_masked[..., None].expand(-1, -1, patches.shape[-1]), pred)
         mask = torch.zeros(patches.shape[:2], device=x.device).scatter(1, ids_masked, 1.0)
         return unpatchify(patches, p, x.shape[1], *self.encoder.grid), mask
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+class MultiscaleLinearDecoder(nn.Module):
+    """DINOv2's linear '+ms' head: patch features of several blocks resized to the finest grid,
+    concatenated, BatchNorm, a 1x1 conv to class logits, bilinear upsampling to pixels."""
+
+    def __init__(self, in_dims, num_classes):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(sum(in_dims))
+        self.classifier = nn.Conv2d(sum(in_dims), num_classes, 1)
+        nn.init.trunc_normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features, out_size):
+        """features: [(cls (B, D), patches (B, D, h, w)), ...] -> logits (B, K, H, W)."""
+        maps = [f for _, f in features]
+        size = max(m.shape[-2:] for m in maps)
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear", align_corners=False)
+                for m in maps]
+        logits = self.classifier(self.bn(torch.cat(maps, dim=1)))
+        if logits.shape[-2:] != tuple(out_size):
+            logits = F.interpolate(logits, out_size, mode="bilinear", align_corners=False)
+        return logits
+
+
+DECODERS = {"linear": MultiscaleLinearDecoder}
+
+
+class SegmentationModel(nn.Module):
+    """A backbone, the outputs of its last `levels` blocks, and a decoder. With `frozen_backbone` the
+    backbone runs without gradients in eval mode (a linear probe)."""
+
+    def __init__(self, backbone, decoder, num_classes, levels=4, frozen_backbone=True):
+        super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; available: {', '.join(DECODERS)}")
+        self.backbone, self.frozen_backbone = backbone, frozen_backbone
+        self.levels = len(backbone.feature_dims(levels))
+        self.decoder = DECODERS[decoder](backbone.feature_dims(levels), num_classes)
+        self.backbone.requires_grad_(not frozen_backbone)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()  # no dropout/drop-path in a frozen feature extractor
+        return self
+
+    def forward(self, x):
+        """(B, C, H, W) -> logits (B, K, H, W)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
+            features = self.backbone.intermediate_layers(x, self.levels)
+        return self.decoder(features, x.shape[-2:])

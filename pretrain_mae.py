@@ -134,7 +134,7 @@ def train(args, rank, world, device):
         if done % args.image_every == 0 and common.is_main():
             log_reconstructions(logger, model, x, pred.detach(), ids_masked, bands, done)
         if save:
-            common.save_checkpoint(ckpt_path, done, args, model.encoder.config, **state)
+            common.save_checkpoint(ckpt_path, done, args, model.encoder.config, ("model", "encoder."), **state)
     logger.close()
     common.print0(f"done: {args.steps} steps, checkpoint {ckpt_path}")
 

@@ -1,0 +1,216 @@
+"""Semantic segmentation on top of a (pre-)trained backbone: a linear probe (frozen backbone, the default)
+or full fine-tuning (`--finetune`).
+
+    python finetune_seg.py --init runs/demo_mae/ckpt.pt --out runs/probe        # bundled scene, 10% labels
+    python finetune_seg.py --backbone pixel --out runs/pixel                     # per-pixel linear baseline
+    python finetune_seg.py --init runs/mae_vitb/ckpt.pt --data /data/WHU-OHS --eval-every 2000 --out runs/whu
+Scenes: trains on a seeded sparse-label split (saved as <out>/split.npz) and reports the held-out pixels.
+WHU-OHS: trains on `tr`, evaluates on `val` and keeps the best checkpoint as <out>/best.pt.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import common
+import data
+from data import IGNORE_INDEX
+from eval import colorize, evaluate, format_table
+from models import SegmentationModel, build_backbone
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/indian_pines", help="a scene folder or a WHU-OHS root")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="runs/seg")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", default=None, help="pre-training checkpoint of any trainer (its backbone config "
+                   "wins over --backbone/--size/...); none = random init")
+    p.add_argument("--backbone", default="vit", help="vit | pixel (a per-pixel linear classifier)")
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--img-size", type=int, default=64, help="training tile size")
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--registers", type=int, default=0)
+    p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
+    p.add_argument("--decoder", default="linear", help="linear: multiscale linear head on the last 4 blocks")
+    p.add_argument("--finetune", action="store_true", help="train the backbone too (default: frozen)")
+    p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="backbone lr = lr x this, with --finetune")
+    p.add_argument("--labels-per-class", type=int, default=None, help="scenes: N labelled training pixels per class")
+    p.add_argument("--train-fraction", type=float, default=None, help="scenes: fraction of each class for training "
+                   "(default 0.1 unless --labels-per-class)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--loss", default="ce", choices=["ce", "focal"])
+    p.add_argument("--focal-gamma", type=float, default=2.0)
+    p.add_argument("--class-weights", default="none", choices=["none", "inverse", "sqrt-inverse"],
+                   help="weight classes by their inverse (square-root) training frequency")
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def build_model(args, ds):
+    if args.init:
+        ckpt = common.load_checkpoint(args.init)
+        config = ckpt["backbone"]
+        if config["in_chans"] != ds.bands:
+            raise ValueError(f"{args.init}: checkpoint was trained on {config['in_chans']} bands but "
+                             f"{ds.name} has {ds.bands} bands")
+        backbone = build_backbone(**config)
+        backbone.load_state_dict(common.backbone_weights(ckpt))
+        common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
+    else:
+        backbone = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
+                                  **({} if args.backbone == "pixel" else {"num_registers": args.registers, "ffn": args.ffn}))
+    return SegmentationModel(backbone, args.decoder, ds.num_classes, levels=4, frozen_backbone=not args.finetune)
+
+
+def splits(args, ds, out, resume):
+    """(training dataset, evaluation dataset, evaluation label mask or None)."""
+    if ds.kind == "whu":
+        return ds, data.load_whu(args.data, "val", args.cache_dir), None
+    split_path = os.path.join(out, "split.npz")
+    labels = data.scene_labels(ds)
+    if resume:
+        train, test = data.load_split(split_path, labels.shape)
+    else:
+        fraction = args.train_fraction if args.train_fraction is not None or args.labels_per_class else 0.1
+        train, test = data.sparse_split(labels, args.split_seed, args.labels_per_class, fraction)
+        if common.is_main():
+            data.save_split(split_path, train, test, seed=args.split_seed, per_class=args.labels_per_class,
+                            fraction=fraction)
+    common.print0(f"{ds.name}: {int(train.sum())} training / {int(test.sum())} held-out labelled pixels")
+    return data.with_labels(ds, train), ds, test
+
+
+def class_weights(ds, mode):
+    if mode == "none":
+        return None
+    counts = sum(np.bincount(np.asarray(r.label).ravel(), minlength=ds.num_classes + 1)[1:ds.num_classes + 1]
+                 for r in ds.rasters).astype(np.float64)
+    w = 1 / np.maximum(counts, 1)
+    w = np.sqrt(w) if mode == "sqrt-inverse" else w
+    w[counts == 0] = 0
+    return torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+
+
+def segmentation_loss(logits, target, weight=None, focal_gamma=None):
+    """Cross-entropy over labelled pixels (IGNORE_INDEX skipped); focal loss when focal_gamma is set."""
+    if focal_gamma is None:
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX)
+    logp = F.log_softmax(logits, dim=1)
+    ce = F.nll_loss(logp, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="none")
+    p_true = torch.exp(-F.nll_loss(logp, target, ignore_index=IGNORE_INDEX, reduction="none"))
+    valid = (target != IGNORE_INDEX).sum().clamp_min(1)
+    return ((1 - p_true) ** focal_gamma * ce).sum() / valid
+
+
+def param_groups(model, weight_decay, backbone_lr_scale):
+    groups = []
+    for module, scale in [(model.decoder, 1.0), (model.backbone, backbone_lr_scale)]:
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    return [g for g in groups if g["params"]]
+
+
+def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
+    """Evaluate (every rank, so all agree without a broadcast) and log metrics and the first map."""
+    pictures = []
+
+    def keep_first(r, pred, labels):
+        if r == 0:
+            pictures.append(np.concatenate([colorize(labels), colorize(pred)], axis=1))
+    m = evaluate(model, eval_ds, args.img_size, args.img_size // 4, args.eval_batch_size, device, dtype, mask,
+                 keep_first)
+    logger.scalars(step, {f"eval/{k}": m[k] for k in ("oa", "aa", "miou", "miou_present", "kappa")})
+    logger.image("eval/labels_vs_prediction", torch.from_numpy(pictures[0]).permute(2, 0, 1).float() / 255, step)
+    return m
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.init_distributed(args.device)
+    try:
+        train(args, rank, world, device)
+    finally:
+        common.cleanup_distributed()
+
+
+def train(args, rank, world, device):
+    common.seed_everything(args.seed, rank)
+    dtype = common.resolve_dtype(args.dtype, device)
+    ckpt_path = common.prepare_out_dir(args.out, args.resume)
+    datasets = data.load_datasets(args.data, "tr", args.cache_dir)
+    if len(datasets) != 1 or datasets[0].num_classes == 0:
+        raise data.DataError(f"{args.data}: finetune_seg.py needs exactly one labelled dataset")
+    train_ds, eval_ds, eval_mask = splits(args, datasets[0], args.out, args.resume)
+    model = build_model(args, train_ds).to(device)
+    weight = class_weights(train_ds, args.class_weights)
+    weight = None if weight is None else weight.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.backbone_lr_scale), lr=args.lr,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    lr_schedule = common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps)
+    state = dict(model=model, optimizer=optimizer, scaler=scaler)
+    backbone_config = model.backbone.config
+    start = common.resume(ckpt_path, rank, backbone_config, **state) if args.resume else 0
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    tiles = data.RandomTiles([train_ds], args.img_size, args.seed, data.Augment(flips=args.flips), min_labelled=1)
+    batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
+    logger = common.Logger(args.out, args, start)
+    meters, best_path = common.Meters(), os.path.join(args.out, "best.pt")
+    best = common.load_checkpoint(best_path)["val"]["miou"] if args.resume and os.path.isfile(best_path) else -1.0
+    extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "levels": model.levels,
+                              "class_names": train_ds.class_names, "frozen_backbone": not args.finetune}}
+    gamma = args.focal_gamma if args.loss == "focal" else None
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
+    for step in bar:
+        x, y, _ = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B, H, W)
+        common.set_lr(optimizer, lr_schedule[step])
+        with common.autocast(device, dtype):
+            logits = ddp(x)
+        loss = segmentation_loss(logits.float(), y, weight, gamma)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        meters.add(loss=loss)
+        done = step + 1
+        save = done % args.ckpt_every == 0 or done == args.steps
+        if save or done % args.log_every == 0:
+            stats = {**meters.flush(done, ckpt_path), "lr": float(lr_schedule[step])}
+            logger.scalars(done, stats, images=args.batch_size * world)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        if done % args.eval_every == 0 or done == args.steps:
+            metrics = log_evaluation(logger, model, eval_ds, eval_mask, args, device, dtype, done)
+            common.print0(f"\nstep {done} {'held-out pixels' if eval_mask is not None else 'val'}:\n"
+                          + format_table(metrics))
+            if eval_mask is None and metrics["miou"] > best:  # select on val only, never on test pixels
+                best = metrics["miou"]
+                common.save_checkpoint(best_path, done, args, backbone_config,
+                                       ("model", "backbone."), {**extra, "val": metrics}, **state)
+        if save:
+            common.save_checkpoint(ckpt_path, done, args, backbone_config, ("model", "backbone."), extra, **state)
+    logger.close()
+
+
+if __name__ == "__main__":
+    main()
