@@ -402,30 +402,121 @@ def spectral_jitter(img, rng, brightness=0.0, contrast=0.0, band_gain=0.0):
     return ((mean + c * (img - mean)) * gain[:, None, None]).astype(np.float32)
 
 
+def gaussian_blur(img, sigma):
+    """Spatial Gaussian blur of every band, (C, H, W) float32; reflect padding."""
+    radius = min(int(np.ceil(3 * sigma)), (min(img.shape[1:]) - 1) // 2)
+    if radius < 1:
+        return img
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k = torch.from_numpy((k / k.sum()).astype(np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(img))[:, None]  # (C, 1, H, W): bands as a batch
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    return x[:, 0].numpy()
+
+
+def spectral_solarize(x, threshold=0.0):
+    """Solarize for normalised HSI: values above the threshold (the band mean at 0) are mirrored below it,
+    inverting bright parts of every band's range as RGB solarize inverts bright pixels."""
+    return np.where(x > threshold, 2 * threshold - x, x).astype(np.float32)
+
+
 @dataclass
 class Augment:
-    """The HSI augmentations every trainer uses; all off by default."""
+    """The HSI augmentations every trainer uses; all off by default. Called on a tile in physical units,
+    returns the normalised tensor and its labels."""
     flips: bool = False
     crop_scale: tuple = None      # random resized crop area range, None = off
     brightness: float = 0.0
     contrast: float = 0.0
     band_gain: float = 0.0
 
-    def __call__(self, img, lab, rng):
+    def __call__(self, img, lab, rng, normalize):
         if self.flips:
             img, lab = dihedral([img, lab], rng)
         if self.crop_scale is not None:
             img, lab = random_resized_crop(img, lab, rng, img.shape[-1], self.crop_scale)
         if self.brightness or self.contrast or self.band_gain:
             img = spectral_jitter(img, rng, self.brightness, self.contrast, self.band_gain)
-        return img, lab
+        return torch.from_numpy(normalize(img)), torch.from_numpy(lab)
+
+
+@dataclass
+class MultiCrop:
+    """DINO's multi-crop for HSI: 2 global and n_local local views of one tile, each a random resized crop
+    with flips, spectral jitter (p=0.8) and blur; the second global view may be spectrally solarized.
+    Returns ((2, C, G, G), (n_local, C, L, L)) normalised views."""
+    global_size: int = 64
+    local_size: int = 32
+    n_local: int = 4
+    global_scale: tuple = (0.32, 1.0)
+    local_scale: tuple = (0.05, 0.32)
+    brightness: float = 0.2
+    contrast: float = 0.2
+    band_gain: float = 0.05
+    blur_sigma: tuple = (0.1, 2.0)
+
+    def view(self, img, lab, rng, normalize, size, scale, blur_p, solarize_p):
+        v, _ = random_resized_crop(img, lab, rng, size, scale)
+        v = dihedral([v], rng)[0]
+        if rng.random() < 0.8:
+            v = spectral_jitter(v, rng, self.brightness, self.contrast, self.band_gain)
+        if rng.random() < blur_p:
+            v = gaussian_blur(v, rng.uniform(*self.blur_sigma))
+        v = normalize(np.ascontiguousarray(v, dtype=np.float32))
+        if rng.random() < solarize_p:
+            v = spectral_solarize(v)
+        return torch.from_numpy(v)
+
+    def __call__(self, img, lab, rng, normalize):
+        g = [self.view(img, lab, rng, normalize, self.global_size, self.global_scale, 1.0, 0.0),
+             self.view(img, lab, rng, normalize, self.global_size, self.global_scale, 0.1, 0.2)]
+        local = [self.view(img, lab, rng, normalize, self.local_size, self.local_scale, 0.5, 0.0)
+                 for _ in range(self.n_local)]
+        local = torch.stack(local) if local else torch.zeros(0, img.shape[0], self.local_size, self.local_size)
+        return (torch.stack(g), local), torch.from_numpy(lab)
+
+
+def block_mask(h, w, num_masked, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
+    """BEiT-style block-wise mask of exactly num_masked of the h x w patches: random rectangles first,
+    then single patches to reach the exact count (small grids rarely fit the last block)."""
+    mask = np.zeros((h, w), bool)
+    for _ in range(100):
+        left = num_masked - int(mask.sum())
+        if left < min_block:
+            break
+        area = rng.uniform(min_block, left)
+        ar = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
+        bh, bw = int(round(np.sqrt(area * ar))), int(round(np.sqrt(area / ar)))
+        if 0 < bh <= h and 0 < bw <= w:
+            top, lft = int(rng.integers(h - bh + 1)), int(rng.integers(w - bw + 1))
+            new = bh * bw - int(mask[top:top + bh, lft:lft + bw].sum())
+            if 0 < new <= left:
+                mask[top:top + bh, lft:lft + bw] = True
+    left = num_masked - int(mask.sum())
+    if left > 0:
+        mask.ravel()[rng.choice(np.flatnonzero(~mask.ravel()), left, replace=False)] = True
+    return mask
+
+
+def ibot_masks(batch, h, w, rng, ratio=(0.1, 0.5), probability=0.5):
+    """(batch, h*w) bool: a `probability` share of the images masked, their ratios stratified over
+    `ratio` (one draw per equal-width bin, as DINOv2 does), the other images unmasked; order shuffled."""
+    n = h * w
+    n_masked = int(batch * probability)
+    edges = np.linspace(*ratio, n_masked + 1)
+    masks = [block_mask(h, w, int(round(n * rng.uniform(edges[i], edges[i + 1]))), rng).ravel()
+             for i in range(n_masked)]
+    masks += [np.zeros(n, bool)] * (batch - n_masked)
+    return np.stack(masks)[rng.permutation(batch)]
 
 
 # ----------------------------------------------------------------------------- tiling
 
 class RandomTiles(torch.utils.data.Dataset):
     """Random size x size windows cut from all rasters of all datasets (rasters drawn in proportion to
-    their area). Item i is a pure function of (seed, i), so any number of workers and any resume point
+    their area), passed through `augment` (Augment, MultiCrop: anything mapping (img, lab, rng, normalize)
+    to (x, y)). Item i is a pure function of (seed, i), so any number of workers and any resume point
     give the same samples."""
 
     def __init__(self, datasets, size, seed=0, augment=None, min_labelled=0):
@@ -448,8 +539,8 @@ class RandomTiles(torch.utils.data.Dataset):
             img, lab = ds.crop(r, y, x, self.size, self.size)
             if (lab != IGNORE_INDEX).sum() >= self.min_labelled:
                 break
-        img, lab = self.augment(img, lab, rng)
-        return torch.from_numpy(ds.normalize(img)), torch.from_numpy(lab), d
+        x, y = self.augment(img, lab, rng, ds.normalize)
+        return x, y, d
 
 
 def grid_windows(H, W, size, overlap):

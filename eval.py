@@ -231,13 +231,17 @@ def load_eval_data(args, ckpt):
     spec = args.data or train_args["data"]
     if "," in spec:
         raise ValueError("eval.py evaluates one dataset at a time; pass --data")
-    split = {"test": "ts"}.get(args.split, args.split)
-    ds = data.load_dataset(spec, split if split in data.WHU_SPLITS else "tr", args.cache_dir or train_args.get("cache_dir"))
-    if ds.kind == "scene" and "segmentation" in ckpt:
-        split_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "split.npz")
-        train_mask, test_mask = data.load_split(split_path, ds.rasters[0].image.shape[1:])
-        return ds, {"ts": test_mask, "val": test_mask, "tr": train_mask, "train": train_mask}[split]
-    return ds, None
+    split = {"test": "ts", "train": "tr"}.get(args.split, args.split)
+    if split not in data.WHU_SPLITS:
+        raise ValueError(f"--split must be val, ts/test or tr/train, got {args.split!r}")
+    ds = data.load_dataset(spec, split, args.cache_dir or train_args.get("cache_dir"))
+    if ds.kind != "scene" or "segmentation" not in ckpt:
+        return ds, None
+    if split == "val":
+        raise ValueError(f"{spec}: a scene has no val split; use --split test (held-out pixels) or train")
+    split_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "split.npz")
+    train_mask, test_mask = data.load_split(split_path, ds.rasters[0].image.shape[1:])
+    return ds, test_mask if split == "ts" else train_mask
 
 
 def parse_args(argv=None):

@@ -151,7 +151,7 @@ class VisionTransformer(nn.Module):
     tokens, learned position embeddings (sin-cos initialised, interpolated for other input sizes)."""
 
     def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, num_registers=0, ffn="mlp", layerscale=None, drop_path_rate=0.0):
+                 mlp_ratio=4.0, num_registers=0, ffn="mlp", layerscale=None, drop_path_rate=0.0, mask_token=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -163,6 +163,8 @@ class VisionTransformer(nn.Module):
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.registers = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid)[None])
+        # iBOT replaces masked patches by a learned token; only trainers that mask this way ask for it.
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
         dpr = np.linspace(0, drop_path_rate, depth)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, True, ffn, layerscale, float(d))
                                     for d in dpr)
@@ -188,30 +190,34 @@ class VisionTransformer(nn.Module):
         pe = F.interpolate(pe, size=(h, w), mode="bicubic", align_corners=False)
         return pe.permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
-    def embed_patches(self, patches, grid, ids_keep=None):
+    def embed_patches(self, patches, grid, ids_keep=None, mask=None):
         """patches (B, N, C*p*p) from `patchify` -> tokens (B, 1 + R + K, D): CLS, registers, then the
-        patches in ids_keep (B, K) (all N when None). Dropped patches are never embedded."""
+        patches in ids_keep (B, K) (all N when None). Dropped patches are never embedded; patches where
+        mask (B, N) is True are replaced by the mask token."""
         pos = self.interpolate_pos_embed(*grid).expand(patches.shape[0], -1, -1)
         if ids_keep is not None:
             patches, pos = gather_tokens(patches, ids_keep), gather_tokens(pos, ids_keep)
-        t = self.patch_embed(patches) + pos
+        t = self.patch_embed(patches)
+        if mask is not None:
+            t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
+        t = t + pos
         prefix = [(self.cls_token + self.cls_pos).expand(t.shape[0], -1, -1)]
         if self.registers is not None:
             prefix.append(self.registers.expand(t.shape[0], -1, -1))
         return torch.cat(prefix + [t], dim=1)
 
-    def embed(self, x):
+    def embed(self, x, mask=None):
         grid = self.grid_size(x)
-        return self.embed_patches(patchify(x, self.patch_size), grid)
+        return self.embed_patches(patchify(x, self.patch_size), grid, mask=mask)
 
     def run_blocks(self, t):
         for blk in self.blocks:
             t = blk(t)
         return self.norm(t)
 
-    def forward_features(self, x):
-        """(B, C, H, W) -> normalised tokens (B, 1 + R + N, D)."""
-        return self.run_blocks(self.embed(x))
+    def forward_features(self, x, mask=None):
+        """(B, C, H, W) -> normalised tokens (B, 1 + R + N, D); mask (B, N) as in embed_patches."""
+        return self.run_blocks(self.embed(x, mask))
 
     def forward(self, x):
         """(B, C, H, W) -> CLS features (B, D)."""
@@ -352,6 +358,26 @@ class MAE(nn.Module):
         return unpatchify(patches, p, x.shape[1], *self.encoder.grid), mask
 
 
+# ----------------------------------------------------------------------------- DINO
+
+class DINOHead(nn.Module):
+    """DINO projection head: 3-layer MLP to a bottleneck, L2 normalisation, then a weight-normalised
+    prototype layer (unit-norm prototypes, i.e. weight norm with the gain fixed to 1) giving logits."""
+
+    def __init__(self, in_dim, num_prototypes, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck_dim))
+        self.mlp.apply(init_weights)
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x):
+        """(..., in_dim) -> (..., num_prototypes) logits."""
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.prototypes, dim=-1))
+
+
 # ----------------------------------------------------------------------------- segmentation
 
 class MultiscaleLinearDecoder(nn.Module):
@@ -392,6 +418,8 @@ class SegmentationModel(nn.Module):
         self.levels = len(backbone.feature_dims(levels))
         self.decoder = DECODERS[decoder](backbone.feature_dims(levels), num_classes)
         self.backbone.requires_grad_(not frozen_backbone)
+        if getattr(backbone, "mask_token", None) is not None:
+            backbone.mask_token.requires_grad_(False)  # unused here; DDP rejects parameters without grads
 
     def train(self, mode=True):
         super().train(mode)

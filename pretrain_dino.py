@@ -1,0 +1,327 @@
+"""DINOv2 pre-training (self-distillation: DINO on CLS tokens + iBOT on masked patches + KoLeo) of a
+hyperspectral ViT, with HSI multi-crop.
+
+    python pretrain_dino.py                                  # small real run on the bundled Indian Pines
+    torchrun --nproc_per_node 2 pretrain_dino.py --out runs/dino2
+    python pretrain_dino.py --data /data/WHU-OHS --size base --registers 4 --ffn swiglu --layerscale 1e-5 \\
+        --drop-path 0.1 --prototypes 65536 --batch-size 128 --local-crops 8 --steps 100000 --out runs/dino_vitb
+"""
+import argparse
+import copy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import common
+import data
+from models import DINOHead, build_backbone
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
+    p.add_argument("--split", default="tr")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="runs/dino")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--backbone", default="vit")
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--img-size", type=int, default=64, help="tile and global-crop size")
+    p.add_argument("--local-size", type=int, default=32)
+    p.add_argument("--local-crops", type=int, default=4, help="local crops per tile (DINOv2: 8)")
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--registers", type=int, default=4, help="register tokens (the study: 4)")
+    p.add_argument("--ffn", default="swiglu", choices=["mlp", "swiglu"])
+    p.add_argument("--layerscale", type=float, default=1e-5, help="LayerScale init; 0 = off")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    p.add_argument("--prototypes", type=int, default=1024, help="DINO prototypes (DINOv2: 65536; small on CPU)")
+    p.add_argument("--head-hidden", type=int, default=2048)
+    p.add_argument("--head-bottleneck", type=int, default=256)
+    p.add_argument("--separate-ibot-head", action="store_true", help="iBOT gets its own head (default: shared)")
+    p.add_argument("--centering", default="sinkhorn", choices=["sinkhorn", "center"],
+                   help="teacher centering: Sinkhorn-Knopp (DINOv2) or running-mean softmax centering (DINO)")
+    p.add_argument("--ibot-weight", type=float, default=1.0)
+    p.add_argument("--koleo-weight", type=float, default=0.1)
+    p.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5))
+    p.add_argument("--mask-probability", type=float, default=0.5, help="share of images with masked patches")
+    p.add_argument("--student-temp", type=float, default=0.1)
+    p.add_argument("--teacher-temp", type=float, default=0.07, help="lower it if training is unstable")
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
+    p.add_argument("--teacher-temp-warmup-steps", type=int, default=100)
+    p.add_argument("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="teacher EMA, cosine start/end")
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per process")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--freeze-prototypes-steps", type=int, default=30, help="prototypes frozen at first (DINO: 1 epoch)")
+    p.add_argument("--blr", type=float, default=2e-3, help="lr = blr * effective batch / 256")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="cosine start/end")
+    p.add_argument("--clip-grad", type=float, default=3.0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits, temp, iterations=3):
+    """Teacher targets (n, K) whose rows sum to 1 and whose columns sum to n/K over all ranks: equal
+    use of every prototype across the global batch (DINOv2/SwAV)."""
+    shift = logits.float().max()
+    if dist.is_initialized():
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)  # one shift for all ranks, so it cancels out
+    q = torch.exp((logits.float() - shift) / temp).t()  # (K, n)
+    K = q.shape[0]
+    n = all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= all_reduce_sum(q.sum())
+    for _ in range(iterations):
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q /= K
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n
+    return (q * n).t()
+
+
+class Centering(nn.Module):
+    """DINO's running-mean centering: softmax((t - center) / temp), center <- EMA of the batch mean."""
+
+    def __init__(self, dim, momentum=0.9):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def forward(self, logits, temp):
+        probs = F.softmax((logits.float() - self.center) / temp, dim=-1)
+        n = all_reduce_sum(torch.tensor(float(logits.shape[0]), device=logits.device))
+        mean = all_reduce_sum(logits.float().sum(0, keepdim=True)) / n
+        self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+        return probs
+
+
+def cross_entropy(student_logits, teacher_probs, temp):
+    """Per-row -sum(p_teacher * log softmax(student / temp))."""
+    return -(teacher_probs * F.log_softmax(student_logits.float() / temp, dim=-1)).sum(-1)
+
+
+def gather_with_grad(x):
+    """All ranks' rows, with gradients flowing to this rank's own rows only."""
+    if not dist.is_initialized():
+        return x, 0
+    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts), dist.get_rank() * x.shape[0]
+
+
+def koleo(features, eps=1e-8):
+    """KoLeo regulariser: -mean log distance of each (L2-normalised) feature to its nearest neighbour,
+    neighbours searched over the global batch so the loss does not depend on how it is split into ranks."""
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    everyone, offset = gather_with_grad(x)
+    with torch.no_grad():
+        sim = x @ everyone.t()
+        sim[torch.arange(len(x)), offset + torch.arange(len(x), device=x.device)] = -2  # not itself
+        nearest = sim.argmax(dim=1)
+    return -torch.log((x - everyone[nearest]).norm(dim=-1) + eps).mean()
+
+
+# ----------------------------------------------------------------------------- model
+
+class Student(nn.Module):
+    """Backbone + DINO head (+ iBOT head). The teacher is an EMA copy of this module."""
+
+    def __init__(self, backbone, dino_head, ibot_head=None):
+        super().__init__()
+        self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+
+    def forward(self, global_crops, local_crops=None, masks=None):
+        """global_crops (2B, C, G, G), local_crops (nB, C, L, L), masks (2B, N) -> CLS features (2B, D),
+        DINO logits of global (2B, K) and local (nB, K) CLS tokens, iBOT logits of masked patches (M, K)."""
+        tokens = self.backbone.forward_features(global_crops, masks)
+        cls, patches = tokens[:, 0], tokens[:, self.backbone.num_prefix:]
+        local_logits = None
+        if local_crops is not None and len(local_crops):
+            local_logits = self.dino_head(self.backbone.forward_features(local_crops)[:, 0])
+        ibot = (self.ibot_head or self.dino_head)(patches[masks]) if masks is not None and masks.any() else None
+        return cls, self.dino_head(cls), local_logits, ibot
+
+
+class DINOLoss(nn.Module):
+    """DINOv2's objective with its normalisation: DINO cross-entropy over (global teacher, other global
+    student) and (global teacher, local student) pairs divided by the number of pairs, iBOT cross-entropy
+    on masked patches weighted 1 / (masked patches of that image) and averaged over images, KoLeo on the
+    student's global CLS features of each crop."""
+
+    def __init__(self, args, num_prototypes):
+        super().__init__()
+        self.args = args
+        if args.centering == "center":
+            self.dino_center = Centering(num_prototypes)
+            self.ibot_center = Centering(num_prototypes)
+
+    def teacher_probs(self, logits, temp, which):
+        if self.args.centering == "sinkhorn":
+            return sinkhorn_knopp(logits, temp)
+        return getattr(self, f"{which}_center")(logits, temp)
+
+    def forward(self, student_out, teacher_out, masks, teacher_temp):
+        cls, s_global, s_local, s_ibot = student_out
+        t_global, t_ibot = teacher_out
+        a = self.args
+        t_probs = self.teacher_probs(t_global, teacher_temp, "dino")
+        t_swapped = torch.cat(t_probs.chunk(2)[::-1])  # crop 1's student learns from crop 2's teacher
+        n_local = 0 if s_local is None else s_local.shape[0] // (s_global.shape[0] // 2)
+        pairs = 2 + 2 * n_local
+        terms = {"dino_global": 2 * cross_entropy(s_global, t_swapped, a.student_temp).mean() / pairs}
+        loss = terms["dino_global"]
+        if n_local:
+            local = sum(cross_entropy(s, t, a.student_temp).mean() for s in s_local.chunk(n_local)
+                        for t in t_probs.chunk(2))
+            terms["dino_local"] = local / pairs
+            loss = loss + terms["dino_local"]
+        if s_ibot is not None and a.ibot_weight:
+            weight = (1 / masks.sum(1).clamp(min=1).float())[:, None].expand_as(masks)[masks]
+            ce = cross_entropy(s_ibot, self.teacher_probs(t_ibot, teacher_temp, "ibot"), a.student_temp)
+            terms["ibot"] = (ce * weight).sum() / masks.shape[0]
+            loss = loss + a.ibot_weight * terms["ibot"]
+        if a.koleo_weight:
+            terms["koleo"] = sum(koleo(c) for c in cls.chunk(2))
+            loss = loss + a.koleo_weight * terms["koleo"]
+        with torch.no_grad():  # diagnostics
+            terms["teacher_entropy"] = -(t_probs * t_probs.clamp_min(1e-12).log()).sum(-1).mean()
+            s_probs = F.softmax(s_global.float() / a.student_temp, dim=-1)
+            terms["student_entropy"] = -(s_probs * s_probs.clamp_min(1e-12).log()).sum(-1).mean()
+            terms["cls_std"] = F.normalize(cls.float(), dim=-1).std(0).mean()  # -> 0 on collapse
+        return loss, terms
+
+
+def build(args, in_chans):
+    backbone = build_backbone(args.backbone, args.size, in_chans, args.img_size, args.patch_size,
+                              num_registers=args.registers, ffn=args.ffn, layerscale=args.layerscale or None,
+                              drop_path_rate=args.drop_path, mask_token=True)
+    head = lambda: DINOHead(backbone.embed_dim, args.prototypes, args.head_hidden, args.head_bottleneck)  # noqa
+    student = Student(backbone, head(), head() if args.separate_ibot_head else None)
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return student, teacher.eval()  # eval: the teacher has no stochastic depth
+
+
+@torch.no_grad()
+def teacher_forward(teacher, global_crops, masks):
+    tokens = teacher.backbone.forward_features(global_crops)
+    patches = tokens[:, teacher.backbone.num_prefix:]
+    ibot = (teacher.ibot_head or teacher.dino_head)(patches[masks]) if masks.any() else None
+    return teacher.dino_head(tokens[:, 0]), ibot
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    t, s = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1 - momentum)
+
+
+def batch_masks(args, step, rank, batch, grid):
+    """This rank's slice of the global batch's iBOT masks, drawn from (seed, step) alone so that one
+    process and several see the same masks for the same global batch."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rng = np.random.default_rng((args.seed, 7, step))
+    masks = np.concatenate([data.ibot_masks(batch * world, *grid, rng, tuple(args.mask_ratio), args.mask_probability)
+                            for _ in range(2)])  # (2 crops * B * world, N), crop-major
+    per_crop = masks.reshape(2, world, batch, -1)[:, rank]
+    return torch.from_numpy(per_crop.reshape(2 * batch, -1))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.init_distributed(args.device)
+    try:
+        train(args, rank, world, device)
+    finally:
+        common.cleanup_distributed()
+
+
+def train(args, rank, world, device):
+    common.seed_everything(args.seed)  # the same initial student on every rank, so the same teacher copy
+    dtype = common.resolve_dtype(args.dtype, device)
+    ckpt_path = common.prepare_out_dir(args.out, args.resume)
+    datasets = data.load_datasets(args.data, args.split, args.cache_dir)
+    in_chans = data.check_same_bands(datasets, args.backbone)
+    student, teacher = (m.to(device) for m in build(args, in_chans))
+    common.seed_everything(args.seed, rank)  # then per-rank streams (stochastic depth)
+    criterion = DINOLoss(args, args.prototypes).to(device)
+    lr = common.scaled_lr(args.blr, args.batch_size, world)
+    common.print0(f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student params | {in_chans} bands | "
+                  f"lr {lr:.2e} | {dtype} on {device}")
+    optimizer = common.adamw(student, lr, args.weight_decay[0], betas=(0.9, 0.999), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    sched = {"lr": common.cosine_schedule(lr, args.min_lr, args.steps, args.warmup_steps),
+             "wd": common.cosine_schedule(args.weight_decay[0], args.weight_decay[1], args.steps),
+             "momentum": common.cosine_schedule(args.momentum[0], args.momentum[1], args.steps),
+             "teacher_temp": np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp,
+                                                         args.teacher_temp_warmup_steps),
+                                             np.full(args.steps, args.teacher_temp)])[:args.steps]}
+    state = dict(student=student, teacher=teacher, criterion=criterion, optimizer=optimizer, scaler=scaler)
+    start = common.resume(ckpt_path, rank, student.backbone.config, **state) if args.resume else 0
+    # A separate iBOT head sits idle in steps without masked images.
+    ddp = DistributedDataParallel(student, find_unused_parameters=args.separate_ibot_head) if world > 1 else student
+    crops = data.MultiCrop(args.img_size, args.local_size, args.local_crops)
+    tiles = data.RandomTiles(datasets, args.img_size, args.seed, crops)
+    batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
+    logger = common.Logger(args.out, args, start)
+    meters = common.Meters()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
+    for step in bar:
+        (g, loc), _, _ = next(batches)  # (B, 2, C, G, G), (B, n, C, L, L)
+        g = g.transpose(0, 1).flatten(0, 1).to(device, non_blocking=True)  # crop-major (2B, C, G, G)
+        loc = loc.transpose(0, 1).flatten(0, 1).to(device, non_blocking=True)
+        masks = batch_masks(args, step, rank, args.batch_size, student.backbone.grid).to(device)
+        common.set_lr(optimizer, sched["lr"][step])
+        optimizer.param_groups[0]["weight_decay"] = sched["wd"][step]  # the decayed group
+        temp = float(sched["teacher_temp"][step])
+        with common.autocast(device, dtype):
+            teacher_out = teacher_forward(teacher, g, masks)
+            loss, terms = criterion(ddp(g, loc, masks), teacher_out, masks, temp)
+        scaler.scale(loss).backward()
+        if step < args.freeze_prototypes_steps:
+            for head in (student.dino_head, student.ibot_head):
+                if head is not None:
+                    head.prototypes.grad = None
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(teacher, student, float(sched["momentum"][step]))
+        meters.add(loss=loss, **terms)
+        done = step + 1
+        save = done % args.ckpt_every == 0 or done == args.steps
+        if save or done % args.log_every == 0:
+            stats = {**meters.flush(done, ckpt_path), **{k: float(v[step]) for k, v in sched.items()}}
+            logger.scalars(done, stats, images=args.batch_size * world)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", std=f"{stats['cls_std']:.3f}")
+        if save:
+            common.save_checkpoint(ckpt_path, done, args, student.backbone.config, ("teacher", "backbone."), **state)
+    logger.close()
+    common.print0(f"done: {args.steps} steps, checkpoint {ckpt_path} (teacher backbone for fine-tuning)")
+
+
+if __name__ == "__main__":
+    main()

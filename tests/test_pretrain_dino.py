@@ -1,0 +1,130 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import finetune_seg
+import pretrain_dino
+from models import DINOHead
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dino_args(scene, out, cache_dir, steps=4, batch=4, *extra):
+    return ["--data", scene, "--out", str(out), "--cache-dir", cache_dir, "--steps", str(steps),
+            "--img-size", "16", "--local-size", "8", "--local-crops", "2", "--batch-size", str(batch),
+            "--prototypes", "64", "--head-hidden", "64", "--head-bottleneck", "16", "--warmup-steps", "1",
+            "--teacher-temp-warmup-steps", "2", "--freeze-prototypes-steps", "1", "--log-every", "1",
+            "--ckpt-every", "2", "--workers", "0", *extra]
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_sinkhorn_knopp_is_doubly_normalised():
+    torch.manual_seed(0)
+    q = pretrain_dino.sinkhorn_knopp(torch.randn(32, 8) * 3, temp=0.5, iterations=50)
+    torch.testing.assert_close(q.sum(1), torch.ones(32))
+    torch.testing.assert_close(q.sum(0), torch.full((8,), 32 / 8), rtol=1e-3, atol=1e-3)
+    logits = torch.randn(32, 8) * 3
+    q3 = pretrain_dino.sinkhorn_knopp(logits, temp=0.5)  # DINOv2's 3 iterations
+    torch.testing.assert_close(q3.sum(1), torch.ones(32))  # each sample's target is a distribution
+    usage = lambda q: (q.sum(0) - 4).abs().max()  # noqa: E731
+    assert usage(q3) < usage(torch.softmax(logits / 0.5, dim=1))  # prototypes used more evenly
+
+
+def test_centering_tracks_the_mean():
+    c = pretrain_dino.Centering(4, momentum=0.0)
+    logits = torch.randn(10, 4)
+    probs = c(logits, 0.1)
+    torch.testing.assert_close(probs.sum(1), torch.ones(10))
+    torch.testing.assert_close(c.center, logits.mean(0, keepdim=True))
+
+
+def test_koleo_prefers_spread_features():
+    clustered = torch.randn(16, 8) * 0.01 + torch.ones(8)
+    spread = torch.eye(16, 8) + torch.eye(16, 8).roll(8, 0) * -1
+    assert pretrain_dino.koleo(spread) < pretrain_dino.koleo(clustered)
+
+
+def test_ibot_masks_ratio_and_share():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = data.ibot_masks(8, 8, 8, rng, (0.1, 0.5), 0.5)
+        ratios = m.mean(1)
+        assert (ratios == 0).sum() == 4
+        assert ((ratios[ratios > 0] >= 0.1 - 1 / 64) & (ratios[ratios > 0] <= 0.5 + 1 / 64)).all()
+    block = data.block_mask(8, 8, 20, rng)
+    assert block.sum() == 20
+
+
+def test_dino_head_prototypes_are_unit_norm():
+    head = DINOHead(12, 10, 32, 8)
+    with torch.no_grad():
+        head.prototypes.mul_(7)
+    out = head(torch.randn(3, 12))
+    assert out.shape == (3, 10) and out.abs().max() <= 1 + 1e-5  # cosine similarities
+
+
+def test_teacher_gets_no_gradients_and_follows_ema(scene, cache_dir, tmp_path):
+    out = tmp_path / "d"
+    pretrain_dino.main(dino_args(scene, out, cache_dir, 2))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    args = pretrain_dino.parse_args(dino_args(scene, out, cache_dir, 2))
+    student, teacher = pretrain_dino.build(args, 16)
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+    # The teacher moved towards the student, and differs from it (momentum < 1).
+    t, s = ckpt["teacher"], ckpt["student"]
+    assert any(not torch.equal(t[k], s[k]) for k in t)
+    rows = losses(out)
+    for key in ("dino_global", "dino_local", "ibot", "koleo", "teacher_entropy", "cls_std", "teacher_temp", "momentum"):
+        assert key in rows[2], key
+
+
+def test_resume_after_interruption_matches(scene, cache_dir, tmp_path, monkeypatch):
+    pretrain_dino.main(dino_args(scene, tmp_path / "full", cache_dir))
+    real, calls = pretrain_dino.Student.forward, [0]
+
+    def forward(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(pretrain_dino.Student, "forward", forward)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain_dino.main(dino_args(scene, tmp_path / "cut", cache_dir))
+    pretrain_dino.main(dino_args(scene, tmp_path / "cut", cache_dir, 4, 4, "--resume"))
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [full[s]["loss"] for s in range(1, 5)] == [cut[s]["loss"] for s in range(1, 5)]
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])
+
+
+def test_one_and_two_processes_give_the_same_first_loss(scene, cache_dir, tmp_path):
+    common = ["--drop-path", "0", "--steps", "1", "--ckpt-every", "1"]
+    pretrain_dino.main(dino_args(scene, tmp_path / "one", cache_dir, 1, 8, *common))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "pretrain_dino.py"), *dino_args(scene, tmp_path / "two", cache_dir, 1, 4, *common)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = losses(tmp_path / "one")[1], losses(tmp_path / "two")[1]
+    for key in ("loss", "dino_global", "dino_local", "ibot", "koleo"):
+        assert one[key] == pytest.approx(two[key], rel=1e-4, abs=1e-5), key
+
+
+def test_dino_backbone_initialises_finetuning(scene, cache_dir, tmp_path):
+    pretrain_dino.main(dino_args(scene, tmp_path / "d", cache_dir, 2))
+    finetune_seg.main(["--data", scene, "--out", str(tmp_path / "ft"), "--cache-dir", cache_dir, "--img-size", "16",
+                       "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--workers", "0", "--finetune",
+                       "--init", str(tmp_path / "d" / "ckpt.pt")])
+    ft = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert ft["backbone"]["num_registers"] == 4 and ft["backbone"]["mask_token"]
