@@ -30,6 +30,31 @@ def init_distributed(device_arg="auto"):
     return rank, world, device
 
 
+def add_run_args(parser, out):
+    """The options every training script shares: where the run lives, precision, device, loader, seed,
+    logging and checkpoint intervals."""
+    p = parser
+    p.add_argument("--out", default=out, help="run directory: ckpt.pt, TensorBoard (tb/), metrics.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--cache-dir", default=None, help="decoded-raster cache (default $HSI_SSL_CACHE or ~/.cache/hsi-ssl)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 4 on GPU, 0 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=100)
+
+
+def launch(train, args):
+    """Run train(args, rank, world, device) single-process or under torchrun; always tear down."""
+    rank, world, device = init_distributed(args.device)
+    try:
+        return train(args, rank, world, device)
+    finally:
+        cleanup_distributed()
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -26,9 +26,6 @@ from models import SegmentationModel, build_backbone
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/indian_pines", help="a scene folder or a WHU-OHS root")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--out", default="runs/seg")
-    p.add_argument("--resume", action="store_true")
     p.add_argument("--init", default=None, help="pre-training checkpoint of any trainer (its backbone config "
                    "wins over --backbone/--size/...); none = random init")
     p.add_argument("--backbone", default="vit", help="vit | pixel (a per-pixel linear classifier)")
@@ -56,12 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    common.add_run_args(p, out="runs/seg")
     return p.parse_args(argv)
 
 
@@ -145,12 +137,7 @@ def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = common.init_distributed(args.device)
-    try:
-        train(args, rank, world, device)
-    finally:
-        common.cleanup_distributed()
+    common.launch(train, parse_args(argv))
 
 
 def train(args, rank, world, device):

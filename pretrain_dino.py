@@ -26,9 +26,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
     p.add_argument("--split", default="tr")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--out", default="runs/dino")
-    p.add_argument("--resume", action="store_true")
     p.add_argument("--backbone", default="vit")
     p.add_argument("--size", default="tiny")
     p.add_argument("--img-size", type=int, default=64, help="tile and global-crop size")
@@ -62,12 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="cosine start/end")
     p.add_argument("--clip-grad", type=float, default=3.0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    common.add_run_args(p, out="runs/dino")
     return p.parse_args(argv)
 
 
@@ -250,12 +242,7 @@ def batch_masks(args, step, rank, batch, grid):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = common.init_distributed(args.device)
-    try:
-        train(args, rank, world, device)
-    finally:
-        common.cleanup_distributed()
+    common.launch(train, parse_args(argv))
 
 
 def train(args, rank, world, device):

@@ -19,9 +19,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
     p.add_argument("--split", default="tr", help="WHU-OHS split to pre-train on (ignored for scene folders)")
-    p.add_argument("--cache-dir", default=None, help="decoded-raster cache (default $HSI_SSL_CACHE or ~/.cache/hsi-ssl)")
-    p.add_argument("--out", default="runs/mae", help="run directory: checkpoint, TensorBoard, metrics.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--backbone", default="vit")
     p.add_argument("--size", default="tiny", help="tiny | small | base (base = the study's ViT-B)")
     p.add_argument("--img-size", type=int, default=64, help="tile size in pixels; tiles are cut, never resized")
@@ -48,15 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--brightness", type=float, default=0.0, help="global reflectance gain jitter, e.g. 0.1")
     p.add_argument("--contrast", type=float, default=0.0)
     p.add_argument("--band-gain", type=float, default=0.0, help="per-band gain jitter, e.g. 0.02")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on GPU and on CPUs with native bf16, else fp32")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 4 on GPU, 0 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--image-every", type=int, default=100, help="reconstructions to TensorBoard every N steps")
-    p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--rgb-bands", type=int, nargs=3, default=None, help="bands shown in pictures (default: true colour)")
+    common.add_run_args(p, out="runs/mae")
     return p.parse_args(argv)
 
 
@@ -80,12 +71,7 @@ def log_reconstructions(logger, model, x, pred, ids_masked, bands, step, n=4):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = common.init_distributed(args.device)
-    try:
-        train(args, rank, world, device)
-    finally:
-        common.cleanup_distributed()
+    common.launch(train, parse_args(argv))
 
 
 def train(args, rank, world, device):
