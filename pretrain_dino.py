@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--registers", type=int, default=4, help="register tokens (the study: 4)")
     p.add_argument("--ffn", default="swiglu", choices=["mlp", "swiglu"])
-    p.add_argument("--layerscale", type=float, default=1e-5, help="LayerScale init; 0 = off")
+    p.add_argument("--layerscale", type=float, default=0.0, help="LayerScale init, 0 = off; the study used 1e-5, "
+                   "which keeps every residual branch ~0 (teacher targets uniform) for hundreds of steps")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--prototypes", type=int, default=1024, help="DINO prototypes (DINOv2: 65536; small on CPU)")
     p.add_argument("--head-hidden", type=int, default=2048)
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
     p.add_argument("--teacher-temp-warmup-steps", type=int, default=100)
     p.add_argument("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="teacher EMA, cosine start/end")
-    p.add_argument("--batch-size", type=int, default=32, help="tiles per process")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per process (each gives 2 + --local-crops views)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--freeze-prototypes-steps", type=int, default=30, help="prototypes frozen at first (DINO: 1 epoch)")
