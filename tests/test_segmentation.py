@@ -153,3 +153,15 @@ def test_focal_loss_reduces_to_cross_entropy_at_gamma_zero():
     ce = finetune_seg.segmentation_loss(logits, target)
     torch.testing.assert_close(finetune_seg.segmentation_loss(logits, target, focal_gamma=0.0), ce)
     assert finetune_seg.segmentation_loss(logits, target, focal_gamma=2.0) < ce
+
+
+def test_finetune_under_torchrun(scene, cache_dir, tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "finetune_seg.py"), *seg_args(scene, out, cache_dir, "--finetune", "--steps", "2")]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2 and (out / "split.npz").exists()
