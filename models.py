@@ -2,7 +2,6 @@
 
 Shapes: images are (B, C, H, W) with C spectral bands; tokens are (B, N, D).
 """
-import math
 
 import numpy as np
 import torch
