@@ -69,6 +69,12 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def all_reduce_mean(t):
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -112,32 +118,39 @@ def autocast(device, dtype):
 
 # ----------------------------------------------------------------------------- schedules
 
-def cosine_schedule(base, final, total_steps, warmup_steps=0, start_warmup=0.0):
-    """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
+def _warmup_then(base, total_steps, warmup_steps, start_warmup, decay):
+    """Per-iteration values: linear warm-up from start_warmup to base, then decay(t) for t in [0, 1)."""
     warmup_steps = min(warmup_steps, total_steps)
     warmup = np.linspace(start_warmup, base, warmup_steps, endpoint=False)
     t = np.arange(total_steps - warmup_steps) / max(1, total_steps - warmup_steps)
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t))
-    return np.concatenate([warmup, cosine])
+    return np.concatenate([warmup, decay(t)])
+
+
+def cosine_schedule(base, final, total_steps, warmup_steps=0, start_warmup=0.0):
+    """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
+    return _warmup_then(base, total_steps, warmup_steps, start_warmup,
+                        lambda t: final + 0.5 * (base - final) * (1 + np.cos(math.pi * t)))
 
 
 def poly_schedule(base, total_steps, power=0.9, warmup_steps=0):
     """Per-iteration values: linear warm-up, then base * (1 - t/T)^power (the segmentation standard)."""
-    warmup_steps = min(warmup_steps, total_steps)
-    warmup = np.linspace(0, base, warmup_steps, endpoint=False)
-    t = np.arange(total_steps - warmup_steps) / max(1, total_steps - warmup_steps)
-    return np.concatenate([warmup, base * (1 - t) ** power])
+    return _warmup_then(base, total_steps, warmup_steps, 0.0, lambda t: base * (1 - t) ** power)
 
 
 def scaled_lr(base_lr, batch_size, world_size, reference_batch=256):
     return base_lr * batch_size * world_size / reference_batch
 
 
-def adamw(model, lr, weight_decay, betas=(0.9, 0.95), device=torch.device("cpu")):
-    """AdamW without weight decay on biases, norms and tokens (every parameter with < 2 dims)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+def decay_groups(module, weight_decay, lr_scale=1.0):
+    """Parameter groups without weight decay on biases, norms and tokens (every parameter with < 2 dims);
+    the decayed group comes first. lr_scale is applied by set_lr."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": lr_scale},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def adamw(groups, lr, betas=(0.9, 0.95), device=torch.device("cpu")):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
@@ -220,12 +233,15 @@ def backbone_weights(ckpt):
     return {k[len(prefix):]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
 
 
+def check_bands(config, bands, path, data_name="the data"):
+    if config["in_chans"] != bands:
+        raise ValueError(f"{path}: checkpoint was trained on {config['in_chans']} bands but {data_name} has {bands} bands")
+
+
 def check_config(saved, current, path):
     """Refuse a checkpoint whose model config differs, naming the difference (band count first)."""
+    check_bands(saved, current["in_chans"], path)
     diffs = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
-    if "in_chans" in diffs:
-        s, c = diffs["in_chans"]
-        raise ValueError(f"{path}: checkpoint was trained on {s} bands but the data has {c} bands")
     if diffs:
         text = ", ".join(f"{k}: checkpoint {s!r} vs now {c!r}" for k, (s, c) in sorted(diffs.items()))
         raise ValueError(f"{path}: checkpoint model config does not match ({text})")

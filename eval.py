@@ -79,20 +79,23 @@ def format_table(m):
 
 @torch.no_grad()
 def predict_raster(model, ds, index, window, overlap, batch_size, device, dtype):
-    """Sliding-window logits (K, H, W) for one raster: overlapping windows, logits averaged."""
+    """Sliding-window logits (K, H, W) for one raster (overlapping windows, logits averaged) and its
+    (H, W) labels, assembled from the same windows."""
     H, W = ds.rasters[index].image.shape[1:]
     tiles = data.GridTiles(ds, window, overlap, rasters=[index])
     total, count = None, torch.zeros(1, H, W)
-    for x, _, where in torch.utils.data.DataLoader(tiles, batch_size=batch_size):
+    labels = np.full((H, W), IGNORE_INDEX, np.int64)
+    for x, lab, where in torch.utils.data.DataLoader(tiles, batch_size=batch_size):
         with common.autocast(device, dtype):
             logits = model(x.to(device)).float().cpu()
         if total is None:
             total = torch.zeros(logits.shape[1], H, W)
-        for out, (_, y, x0) in zip(logits, where.tolist()):
+        for out, win_lab, (_, y, x0) in zip(logits, lab.numpy(), where.tolist()):
             h, w = min(window, H - y), min(window, W - x0)
             total[:, y:y + h, x0:x0 + w] += out[:, :h, :w]
             count[:, y:y + h, x0:x0 + w] += 1
-    return total / count
+            labels[y:y + h, x0:x0 + w] = win_lab[:h, :w]
+    return total / count, labels
 
 
 def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=None, on_raster=None):
@@ -102,8 +105,8 @@ def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=N
     model.eval()
     cm = np.zeros((ds.num_classes, ds.num_classes), np.int64)
     for r in range(len(ds.rasters)):
-        pred = predict_raster(model, ds, r, window, overlap, batch_size, device, dtype).argmax(0).numpy()
-        labels = ds.crop(r, 0, 0, *pred.shape)[1]
+        logits, labels = predict_raster(model, ds, r, window, overlap, batch_size, device, dtype)
+        pred = logits.argmax(0).numpy()
         if label_mask is not None:
             labels[~label_mask] = IGNORE_INDEX
         cm += confusion_matrix(pred, labels, ds.num_classes)
@@ -216,9 +219,7 @@ def load_model(ckpt_path, device):
 
 
 def check_data(ckpt, ckpt_path, ds):
-    if ckpt["backbone"]["in_chans"] != ds.bands:
-        raise ValueError(f"{ckpt_path}: checkpoint was trained on {ckpt['backbone']['in_chans']} bands but "
-                         f"{ds.name} has {ds.bands} bands")
+    common.check_bands(ckpt["backbone"], ds.bands, ckpt_path, ds.name)
     seg = ckpt.get("segmentation")
     if seg and seg["num_classes"] != ds.num_classes:
         raise ValueError(f"{ckpt_path}: checkpoint predicts {seg['num_classes']} classes but {ds.name} has "

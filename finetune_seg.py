@@ -61,9 +61,7 @@ def build_model(args, ds):
     if args.init:
         ckpt = common.load_checkpoint(args.init)
         config = ckpt["backbone"]
-        if config["in_chans"] != ds.bands:
-            raise ValueError(f"{args.init}: checkpoint was trained on {config['in_chans']} bands but "
-                             f"{ds.name} has {ds.bands} bands")
+        common.check_bands(config, ds.bands, args.init, ds.name)
         backbone = build_backbone(**config)
         backbone.load_state_dict(common.backbone_weights(ckpt))
         common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
@@ -113,15 +111,6 @@ def segmentation_loss(logits, target, weight=None, focal_gamma=None):
     return ((1 - p_true) ** focal_gamma * ce).sum() / valid
 
 
-def param_groups(model, weight_decay, backbone_lr_scale):
-    groups = []
-    for module, scale in [(model.decoder, 1.0), (model.backbone, backbone_lr_scale)]:
-        params = [p for p in module.parameters() if p.requires_grad]
-        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": scale},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    return [g for g in groups if g["params"]]
-
-
 def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
     """Evaluate (every rank, so all agree without a broadcast) and log metrics and the first map."""
     pictures = []
@@ -151,8 +140,9 @@ def train(args, rank, world, device):
     model = build_model(args, train_ds).to(device)
     weight = class_weights(train_ds, args.class_weights)
     weight = None if weight is None else weight.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.backbone_lr_scale), lr=args.lr,
-                                  fused=device.type == "cuda")
+    groups = (common.decay_groups(model.decoder, args.weight_decay)
+              + common.decay_groups(model.backbone, args.weight_decay, args.backbone_lr_scale))
+    optimizer = common.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lr_schedule = common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps)
     state = dict(model=model, optimizer=optimizer, scaler=scaler)

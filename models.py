@@ -414,8 +414,9 @@ class SegmentationModel(nn.Module):
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; available: {', '.join(DECODERS)}")
         self.backbone, self.frozen_backbone = backbone, frozen_backbone
-        self.levels = len(backbone.feature_dims(levels))
-        self.decoder = DECODERS[decoder](backbone.feature_dims(levels), num_classes)
+        dims = backbone.feature_dims(levels)
+        self.levels = len(dims)
+        self.decoder = DECODERS[decoder](dims, num_classes)
         self.backbone.requires_grad_(not frozen_backbone)
         if getattr(backbone, "mask_token", None) is not None:
             backbone.mask_token.requires_grad_(False)  # unused here; DDP rejects parameters without grads

@@ -66,12 +66,6 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- losses
 
-def all_reduce_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def sinkhorn_knopp(logits, temp, iterations=3):
     """Teacher targets (n, K) whose rows sum to 1 and whose columns sum to n/K over all ranks: equal
@@ -81,10 +75,10 @@ def sinkhorn_knopp(logits, temp, iterations=3):
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)  # one shift for all ranks, so it cancels out
     q = torch.exp((logits.float() - shift) / temp).t()  # (K, n)
     K = q.shape[0]
-    n = all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
-    q /= all_reduce_sum(q.sum())
+    n = common.all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= common.all_reduce_sum(q.sum())
     for _ in range(iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q /= common.all_reduce_sum(q.sum(dim=1, keepdim=True))
         q /= K
         q /= q.sum(dim=0, keepdim=True)
         q /= n
@@ -102,8 +96,8 @@ class Centering(nn.Module):
     @torch.no_grad()
     def forward(self, logits, temp):
         probs = F.softmax((logits.float() - self.center) / temp, dim=-1)
-        n = all_reduce_sum(torch.tensor(float(logits.shape[0]), device=logits.device))
-        mean = all_reduce_sum(logits.float().sum(0, keepdim=True)) / n
+        n = common.all_reduce_sum(torch.tensor(float(logits.shape[0]), device=logits.device))
+        mean = common.all_reduce_sum(logits.float().sum(0, keepdim=True)) / n
         self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
         return probs
 
@@ -258,7 +252,7 @@ def train(args, rank, world, device):
     lr = common.scaled_lr(args.blr, args.batch_size, world)
     common.print0(f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student params | {in_chans} bands | "
                   f"lr {lr:.2e} | {dtype} on {device}")
-    optimizer = common.adamw(student, lr, args.weight_decay[0], betas=(0.9, 0.999), device=device)
+    optimizer = common.adamw(common.decay_groups(student, args.weight_decay[0]), lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sched = {"lr": common.cosine_schedule(lr, args.min_lr, args.steps, args.warmup_steps),
              "wd": common.cosine_schedule(args.weight_decay[0], args.weight_decay[1], args.steps),

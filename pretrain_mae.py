@@ -84,7 +84,7 @@ def train(args, rank, world, device):
     lr = common.scaled_lr(args.blr, args.batch_size, world)
     common.print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {in_chans} bands | "
                   f"lr {lr:.2e} (blr {args.blr} x {args.batch_size * world} / 256) | {dtype} on {device}")
-    optimizer = common.adamw(model, lr, args.weight_decay, device=device)
+    optimizer = common.adamw(common.decay_groups(model, args.weight_decay), lr, device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lr_schedule = common.cosine_schedule(lr, args.min_lr, args.steps, args.warmup_steps)
     state = dict(model=model, optimizer=optimizer, scaler=scaler)

@@ -71,11 +71,13 @@ def test_sliding_window_equals_single_pass(scene, cache_dir):
     torch.manual_seed(0)
     model = SegmentationModel(build_backbone("vit", "tiny", 16, img_size=40), "linear", 3).eval()
     full = model(torch.from_numpy(ds.normalize(ds.crop(0, 0, 0, 40, 40)[0]))[None])[0]
-    one = evaluation.predict_raster(model, ds, 0, 40, 10, 4, torch.device("cpu"), torch.float32)
+    one, labels = evaluation.predict_raster(model, ds, 0, 40, 10, 4, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(one, full)
+    assert (labels == ds.crop(0, 0, 0, 40, 40)[1]).all()
     # Overlapping smaller windows average logits: every pixel is covered, shapes match.
-    many = evaluation.predict_raster(model, ds, 0, 24, 8, 4, torch.device("cpu"), torch.float32)
+    many, many_labels = evaluation.predict_raster(model, ds, 0, 24, 8, 4, torch.device("cpu"), torch.float32)
     assert many.shape == full.shape and torch.isfinite(many).all()
+    assert (many_labels == labels).all()
 
 
 def test_attention_maps_shape():
