@@ -511,6 +511,16 @@ def ibot_masks(batch, h, w, rng, ratio=(0.1, 0.5), probability=0.5):
     return np.stack(masks)[rng.permutation(batch)]
 
 
+def spectral_masks(n, groups, rng, ratio=(0.1, 0.5), probability=0.5):
+    """(n, groups) boolean iBOT masks over band-group tokens: a `probability` share of the rows hides a
+    random subset of round(U(ratio) * groups) groups (at least one), the others hide nothing."""
+    masks = np.zeros((n, groups), dtype=bool)
+    for row in np.flatnonzero(rng.random(n) < probability):
+        k = max(1, int(round(rng.uniform(*ratio) * groups)))
+        masks[row, rng.choice(groups, size=k, replace=False)] = True
+    return masks
+
+
 # ----------------------------------------------------------------------------- tiling
 
 class RandomTiles(torch.utils.data.Dataset):

@@ -1,6 +1,6 @@
 """Evaluate a fine-tuned segmentation checkpoint: sliding-window inference over whole WHU-OHS tiles or
-whole scenes, metrics from one confusion matrix, pictures; `--attention` saves CLS-to-patch attention maps
-of any checkpoint with a ViT backbone (pre-trained or fine-tuned).
+whole scenes, metrics from one confusion matrix, pictures; `--attention` saves attention maps of any
+checkpoint with a transformer backbone, vit, ssvit or sst (pre-trained or fine-tuned).
 
     python eval.py --ckpt runs/probe/ckpt.pt                  # scene: the run's saved test pixels
     python eval.py --ckpt runs/whu_probe/best.pt --split ts   # WHU-OHS test split
@@ -188,18 +188,31 @@ def heat(values):
 
 
 def save_attention_picture(path, backbone, ds, index, y, x, window, device):
-    """Input rendering, then one panel per head: last-block CLS-to-patch attention over the input."""
+    """Input rendering, then one panel per head of the last block's spatial attention over the input
+    (CLS-to-patch; for sst the attention each patch receives) and, for the spectral backbones, one row
+    per head of the attention over band groups / spectral blocks (blue = low, yellow = high)."""
     img = ds.crop(index, y, x, window, window)[0]
     inp = torch.from_numpy(ds.normalize(img.copy()))[None].to(device)
-    attn = backbone.cls_attention(inp).float().cpu()  # (1, heads, h, w)
-    attn = F.interpolate(attn, size=(window, window), mode="bilinear", align_corners=False)[0]
+    maps = {k: v.float().cpu()[0] for k, v in backbone.attention_maps(inp).items()}
+    attn = F.interpolate(maps["spatial"][None], size=(window, window), mode="bilinear", align_corners=False)[0]
     rgb = data.render_bands(torch.from_numpy(img), data.display_bands(ds)).permute(1, 2, 0).numpy()
     images, titles = [to_uint8(torch.from_numpy(rgb).permute(2, 0, 1))], ["input"]
     for h, a in enumerate(attn.numpy()):
-        a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
-        images.append((255 * (0.35 * rgb + 0.65 * heat(a))).astype(np.uint8))
+        images.append((255 * (0.35 * rgb + 0.65 * heat(normalise(a)))).astype(np.uint8))
         titles.append(f"head {h}")
-    panels(images, titles, max(1, 128 // window)).save(path)
+    scale = max(1, 128 // window)
+    picture = panels(images, titles, scale)
+    if "spectral" in maps:  # (heads, G): one row per head, one column per band group, normalised per head
+        rows = np.stack([normalise(a) for a in maps["spectral"].numpy()])
+        cell = max(2, picture.width // rows.shape[1])
+        strip = (255 * heat(rows)).astype(np.uint8).repeat(12, axis=0).repeat(cell, axis=1)
+        picture = stack_vertically([picture, panels([strip], ["spectral attention: heads x band groups "
+                                                              "(short -> long wavelengths)"], 1)])
+    picture.save(path)
+
+
+def normalise(a):
+    return (a - a.min()) / max(a.max() - a.min(), 1e-12)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -255,7 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=int, default=None, help="window overlap in px (default: window / 4)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="default: <checkpoint dir>/eval-<split>")
-    p.add_argument("--attention", action="store_true", help="also save last-block CLS attention maps per head")
+    p.add_argument("--attention", action="store_true", help="also save last-block attention maps per head "
+                   "(spatial; and spectral for ssvit/sst)")
     p.add_argument("--pictures", type=int, default=4, help="rasters (or attention windows) to draw")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
@@ -275,7 +289,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     backbone = model.backbone if "segmentation" in ckpt else model
     if args.attention:
-        if not hasattr(backbone, "cls_attention"):
+        if not hasattr(backbone, "attention_maps"):
             raise ValueError(f"{args.ckpt}: backbone '{ckpt['backbone']['name']}' has no attention to show")
         wins = [(r, y, x) for r in range(len(ds.rasters)) for y, x in
                 data.grid_windows(*ds.rasters[r].image.shape[1:], window, 0)][:args.pictures]

@@ -28,11 +28,12 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/indian_pines", help="a scene folder or a WHU-OHS root")
     p.add_argument("--init", default=None, help="pre-training checkpoint of any trainer (its backbone config "
                    "wins over --backbone/--size/...); none = random init")
-    p.add_argument("--backbone", default="vit", help="vit | pixel (a per-pixel linear classifier)")
+    p.add_argument("--backbone", default="vit", help="vit | ssvit | sst | pixel (a per-pixel linear classifier)")
     p.add_argument("--size", default="tiny")
     p.add_argument("--img-size", type=int, default=64, help="training tile size")
     p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--registers", type=int, default=0)
+    p.add_argument("--spectral-patch", type=int, default=None, help="ssvit/sst: bands per spectral token")
+    p.add_argument("--registers", type=int, default=None, help="default: vit 0, ssvit 4 per stream")
     p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
     p.add_argument("--decoder", default="linear", help="linear: multiscale linear head on the last 4 blocks")
     p.add_argument("--finetune", action="store_true", help="train the backbone too (default: frozen)")
@@ -67,7 +68,9 @@ def build_model(args, ds):
         common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
     else:
         backbone = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
-                                  **({} if args.backbone == "pixel" else {"num_registers": args.registers, "ffn": args.ffn}))
+                                  **({} if args.backbone == "pixel" else
+                                     {"num_registers": args.registers, "ffn": args.ffn,
+                                      "spectral_patch": args.spectral_patch, "wavelengths": ds.wavelengths}))
     return SegmentationModel(backbone, args.decoder, ds.num_classes, levels=4, frozen_backbone=not args.finetune)
 
 

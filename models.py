@@ -143,26 +143,21 @@ class Block(nn.Module):
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
 
 
-# ----------------------------------------------------------------------------- ViT
+# ----------------------------------------------------------------------------- token encoders
 
-class VisionTransformer(nn.Module):
-    """ViT for C-band images: patch embedding of C*p*p values per patch, a CLS token, optional register
-    tokens, learned position embeddings (sin-cos initialised, interpolated for other input sizes)."""
+class TokenEncoder(nn.Module):
+    """A pre-norm transformer over linearly embedded input pieces with a CLS token, optional register
+    tokens and an optional mask token. Subclasses say what a piece is and where it sits (`pos`)."""
 
-    def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, num_registers=0, ffn="mlp", layerscale=None, drop_path_rate=0.0, mask_token=False):
+    def __init__(self, piece_dim, embed_dim, depth, num_heads, mlp_ratio=4.0, num_registers=0, ffn="mlp",
+                 layerscale=None, drop_path_rate=0.0, mask_token=False):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        self.in_chans, self.patch_size, self.embed_dim = in_chans, patch_size, embed_dim
-        self.grid = (img_size // patch_size, img_size // patch_size)
-        self.num_prefix = 1 + num_registers
-        self.patch_embed = nn.Linear(in_chans * patch_size ** 2, embed_dim)
+        self.embed_dim, self.num_prefix = embed_dim, 1 + num_registers
+        self.patch_embed = nn.Linear(piece_dim, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.registers = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid)[None])
-        # iBOT replaces masked patches by a learned token; only trainers that mask this way ask for it.
+        # iBOT replaces masked pieces by a learned token; only trainers that mask this way ask for it.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
         dpr = np.linspace(0, drop_path_rate, depth)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, True, ffn, layerscale, float(d))
@@ -173,6 +168,48 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         if self.registers is not None:
             nn.init.normal_(self.registers, std=0.02)
+
+    def embed_tokens(self, pieces, pos, ids_keep=None, mask=None):
+        """pieces (B, N, piece_dim), pos (1, N, D) -> tokens (B, 1 + R + K, D): CLS, registers, then the
+        pieces in ids_keep (B, K) (all N when None). Dropped pieces are never embedded; pieces where
+        mask (B, N) is True are replaced by the mask token."""
+        pos = pos.expand(pieces.shape[0], -1, -1)
+        if ids_keep is not None:
+            pieces, pos = gather_tokens(pieces, ids_keep), gather_tokens(pos, ids_keep)
+        t = self.patch_embed(pieces)
+        if mask is not None:
+            t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
+        t = t + pos
+        prefix = [(self.cls_token + self.cls_pos).expand(t.shape[0], -1, -1)]
+        if self.registers is not None:
+            prefix.append(self.registers.expand(t.shape[0], -1, -1))
+        return torch.cat(prefix + [t], dim=1)
+
+    def run_blocks(self, t):
+        for blk in self.blocks:
+            t = blk(t)
+        return self.norm(t)
+
+    def last_attention(self, t):
+        """Tokens entering the blocks -> the last block's attention (B, heads, N, N)."""
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        return self.blocks[-1].attn.weights(self.blocks[-1].norm1(t))
+
+
+class VisionTransformer(TokenEncoder):
+    """ViT for C-band images: patch embedding of C*p*p values per patch, a CLS token, optional register
+    tokens, learned position embeddings (sin-cos initialised, interpolated for other input sizes)."""
+
+    streams = ("spatial",)
+
+    def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12, **kwargs):
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        super().__init__(in_chans * patch_size ** 2, embed_dim, depth, num_heads, **kwargs)
+        self.in_chans, self.patch_size = in_chans, patch_size
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid)[None])
 
     def grid_size(self, x):
         H, W = x.shape[-2:]
@@ -189,34 +226,22 @@ class VisionTransformer(nn.Module):
         pe = F.interpolate(pe, size=(h, w), mode="bicubic", align_corners=False)
         return pe.permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
-    def embed_patches(self, patches, grid, ids_keep=None, mask=None):
-        """patches (B, N, C*p*p) from `patchify` -> tokens (B, 1 + R + K, D): CLS, registers, then the
-        patches in ids_keep (B, K) (all N when None). Dropped patches are never embedded; patches where
-        mask (B, N) is True are replaced by the mask token."""
-        pos = self.interpolate_pos_embed(*grid).expand(patches.shape[0], -1, -1)
-        if ids_keep is not None:
-            patches, pos = gather_tokens(patches, ids_keep), gather_tokens(pos, ids_keep)
-        t = self.patch_embed(patches)
-        if mask is not None:
-            t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
-        t = t + pos
-        prefix = [(self.cls_token + self.cls_pos).expand(t.shape[0], -1, -1)]
-        if self.registers is not None:
-            prefix.append(self.registers.expand(t.shape[0], -1, -1))
-        return torch.cat(prefix + [t], dim=1)
+    def pieces(self, x):
+        """What each stream embeds and MAE reconstructs: [(B, h*w, C*p*p) patches]."""
+        return [patchify(x, self.patch_size)]
 
-    def embed(self, x, mask=None):
-        grid = self.grid_size(x)
-        return self.embed_patches(patchify(x, self.patch_size), grid, mask=mask)
+    def embed(self, x, ids_keep=None, mask=None):
+        pos = self.interpolate_pos_embed(*self.grid_size(x))  # checks the size first
+        return self.embed_tokens(patchify(x, self.patch_size), pos, ids_keep, mask)
 
-    def run_blocks(self, t):
-        for blk in self.blocks:
-            t = blk(t)
-        return self.norm(t)
+    def encode(self, x, keep=(None,), mask=(None,)):
+        """(B, C, H, W) -> [normalised tokens (B, 1 + R + K, D)], one entry per stream; keep/mask per
+        stream as in `embed_tokens`."""
+        return [self.run_blocks(self.embed(x, keep[0], mask[0]))]
 
     def forward_features(self, x, mask=None):
-        """(B, C, H, W) -> normalised tokens (B, 1 + R + N, D); mask (B, N) as in embed_patches."""
-        return self.run_blocks(self.embed(x, mask))
+        """(B, C, H, W) -> normalised tokens (B, 1 + R + N, D); mask (B, N) as in embed_tokens."""
+        return self.encode(x, mask=(mask,))[0]
 
     def forward(self, x):
         """(B, C, H, W) -> CLS features (B, D)."""
@@ -226,7 +251,7 @@ class VisionTransformer(nn.Module):
         """Normalised outputs of the last `blocks` blocks (or of the listed block indices), each as
         (cls (B, D), patches (B, D, h, w)) — what the segmentation decoders consume."""
         h, w = self.grid_size(x)
-        wanted = set(range(len(self.blocks) - blocks, len(self.blocks))) if isinstance(blocks, int) else set(blocks)
+        wanted = _wanted_blocks(blocks, len(self.blocks))
         t, outs = self.embed(x), []
         for i, blk in enumerate(self.blocks):
             t = blk(t)
@@ -235,19 +260,322 @@ class VisionTransformer(nn.Module):
                 outs.append((n[:, 0], n[:, self.num_prefix:].transpose(1, 2).reshape(x.shape[0], -1, h, w)))
         return outs
 
+    def feature_dims(self, levels):
+        return [self.embed_dim] * levels
+
+    @torch.no_grad()
+    def attention_maps(self, x):
+        """{"spatial": last block's CLS-to-patch attention (B, heads, h, w)}."""
+        h, w = self.grid_size(x)
+        attn = self.last_attention(self.embed(x))
+        return {"spatial": attn[:, :, 0, self.num_prefix:].reshape(x.shape[0], -1, h, w)}
+
+
+def _wanted_blocks(blocks, depth):
+    return set(range(depth - blocks, depth)) if isinstance(blocks, int) else set(blocks)
+
+
+# ----------------------------------------------------------------------------- spatial-spectral ViT
+
+def sincos_1d(dim, positions):
+    """(len(positions), dim) sin-cos embedding of arbitrary (e.g. wavelength) positions."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2) / (dim / 2))
+    out = np.outer(np.asarray(positions, dtype=float), omega)
+    return torch.from_numpy(np.concatenate([np.sin(out), np.cos(out)], axis=1)).float()
+
+
+def group_centres(wavelengths, group):
+    """Centre wavelength of each consecutive group of `group` bands."""
+    return np.asarray(wavelengths, dtype=float).reshape(-1, group).mean(1)
+
+
+class SpectralEncoder(TokenEncoder):
+    """The spectral stream: one token per group of `group` consecutive bands. A group's whole crop is
+    average-pooled to a fixed pool x pool grid and the group*pool*pool values are projected to D by one
+    linear layer shared by all groups, so the weights do not depend on the crop size (global and local
+    crops share them). Position = the group's centre wavelength (fixed sin-cos) when wavelengths are
+    known, else a learned embedding per group."""
+
+    def __init__(self, in_chans, group=2, pool=8, embed_dim=768, depth=12, num_heads=12, wavelengths=None,
+                 **kwargs):
+        if in_chans % group:
+            raise ValueError(f"{in_chans} bands do not split into groups of {group} (--spectral-patch)")
+        super().__init__(group * pool * pool, embed_dim, depth, num_heads, **kwargs)
+        self.group, self.pool, self.num_groups = group, pool, in_chans // group
+        if wavelengths is not None:
+            if len(wavelengths) != in_chans:
+                raise ValueError(f"{len(wavelengths)} wavelengths for {in_chans} bands")
+            self.register_buffer("pos_embed", sincos_1d(embed_dim, group_centres(wavelengths, group))[None],
+                                 persistent=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.empty(1, self.num_groups, embed_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def pieces(self, x, visible=None):
+        """(B, C, H, W) -> (B, G, group*pool*pool). With visible (B, 1, H, W) in {0, 1} only visible
+        pixels enter the pooled averages (a cell with none of them is 0, the band mean)."""
+        if visible is None:
+            pooled = F.adaptive_avg_pool2d(x, self.pool)
+        else:
+            pooled = F.adaptive_avg_pool2d(x * visible, self.pool) / \
+                F.adaptive_avg_pool2d(visible, self.pool).clamp_min(1e-6)
+        return pooled.reshape(x.shape[0], self.num_groups, -1)
+
+
+class Fusion(nn.Module):
+    """Cross-stream exchange between groups of blocks. Every token of each stream is concatenated with
+    the mean of the other stream's (layer-normalised) tokens, and a linear map 2D -> D (a 1x1 projection
+    of the concatenation) gives an update added back to that token. The maps are zero-initialised, so
+    fusion starts as the identity and each stream begins as a plain ViT."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm_spatial, self.norm_spectral = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.to_spatial, self.to_spectral = nn.Linear(2 * dim, dim), nn.Linear(2 * dim, dim)
+        for m in (self.to_spatial, self.to_spectral):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, s, p):
+        """s (B, Ns, D) spatial, p (B, Np, D) spectral tokens -> both updated."""
+        ns, np_ = self.norm_spatial(s), self.norm_spectral(p)
+        ms, mp = ns.mean(1, keepdim=True), np_.mean(1, keepdim=True)
+        s = s + self.to_spatial(torch.cat([ns, mp.expand_as(ns)], dim=-1))
+        p = p + self.to_spectral(torch.cat([np_, ms.expand_as(np_)], dim=-1))
+        return s, p
+
+
+class SpatialSpectralViT(nn.Module):
+    """The study's spatial-spectral ViT (its flaws fixed). Two streams of equal width and depth:
+
+    - spatial: a `VisionTransformer` over p x p patches of all bands (CLS, registers, 2-D positions);
+    - spectral: a `SpectralEncoder` over groups of `spectral_patch` bands (CLS, registers, wavelength
+      positions); 64x64x32 input, patch 8, groups of 2 -> 64 + 16 tokens + 2 CLS + 2x4 registers = 90.
+
+    After every `fuse_every` blocks (not after the last) a `Fusion` block exchanges information between
+    the streams. Hiding is exact across streams: a masked/dropped spatial patch is excluded from the
+    spectral stream's pooling, and a masked/dropped band group is zeroed (= its band mean) in the
+    spatial stream's patches, so no stream sees what the other one hides. Dense features for the
+    decoders are the spatial stream's patch tokens (informed by the spectral stream through fusion)."""
+
+    streams = ("spatial", "spectral")
+
+    def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
+                 spectral_patch=2, spectral_pool=8, fuse_every=3, wavelengths=None, num_registers=4, **kwargs):
+        super().__init__()
+        self.spatial = VisionTransformer(in_chans, img_size, patch_size, embed_dim, depth, num_heads,
+                                         num_registers=num_registers, **kwargs)
+        self.spectral = SpectralEncoder(in_chans, spectral_patch, spectral_pool, embed_dim, depth, num_heads,
+                                        wavelengths, num_registers=num_registers, **kwargs)
+        self.fuse_after = [i for i in range(fuse_every - 1, depth - 1, fuse_every)]
+        self.fusions = nn.ModuleList(Fusion(embed_dim) for _ in self.fuse_after)
+        self.in_chans, self.patch_size, self.grid = in_chans, patch_size, self.spatial.grid
+        self.embed_dim, self.num_prefix = embed_dim, self.spatial.num_prefix
+
+    def grid_size(self, x):
+        return self.spatial.grid_size(x)
+
+    def pieces(self, x):
+        return [patchify(x, self.patch_size), self.spectral.pieces(x)]
+
+    def hidden(self, B, N, keep, mask, device):
+        """(B, N) True where a piece is dropped (not in keep) or masked."""
+        hid = torch.zeros(B, N, dtype=torch.bool, device=device)
+        if keep is not None:
+            hid = torch.ones_like(hid).scatter(1, keep, False)
+        return hid | mask if mask is not None else hid
+
+    def embed(self, x, keep=(None, None), mask=(None, None)):
+        B, C, H, W = x.shape
+        (h, w), p, g = self.grid_size(x), self.patch_size, self.spectral.group
+        hid_patch = self.hidden(B, h * w, keep[0], mask[0], x.device)
+        hid_group = self.hidden(B, self.spectral.num_groups, keep[1], mask[1], x.device)
+        band_visible = (~hid_group).repeat_interleave(g, dim=1)[:, :, None, None].to(x.dtype)  # (B, C, 1, 1)
+        pixel_visible = (~hid_patch).reshape(B, 1, h, 1, w, 1).expand(-1, -1, -1, p, -1, p)
+        pixel_visible = pixel_visible.reshape(B, 1, H, W).to(x.dtype)
+        s = self.spatial.embed_tokens(patchify(x * band_visible, p), self.spatial.interpolate_pos_embed(h, w),
+                                      keep[0], mask[0])
+        t = self.spectral.embed_tokens(self.spectral.pieces(x, pixel_visible), self.spectral.pos_embed,
+                                       keep[1], mask[1])
+        return s, t
+
+    def run_blocks(self, s, t, collect=()):
+        """Both streams through their blocks with fusion in between; also the normalised spatial
+        tokens after each block index in `collect`."""
+        outs, fusions = [], iter(self.fusions)
+        for i, (bs, bt) in enumerate(zip(self.spatial.blocks, self.spectral.blocks)):
+            s, t = bs(s), bt(t)
+            if i in self.fuse_after:
+                s, t = next(fusions)(s, t)
+            if i in collect:
+                outs.append(self.spatial.norm(s))
+        return self.spatial.norm(s), self.spectral.norm(t), outs
+
+    def encode(self, x, keep=(None, None), mask=(None, None)):
+        """(B, C, H, W) -> [spatial tokens (B, 1 + R + Ks, D), spectral tokens (B, 1 + R + Kg, D)],
+        normalised; keep/mask per stream as in `TokenEncoder.embed_tokens`."""
+        s, t, _ = self.run_blocks(*self.embed(x, keep, mask))
+        return [s, t]
+
+    def forward(self, x):
+        """(B, C, H, W) -> spatial and spectral CLS features concatenated (B, 2D)."""
+        s, t = self.encode(x)
+        return torch.cat([s[:, 0], t[:, 0]], dim=-1)
+
+    def intermediate_layers(self, x, blocks=4):
+        h, w = self.grid_size(x)
+        _, _, outs = self.run_blocks(*self.embed(x), collect=_wanted_blocks(blocks, len(self.spatial.blocks)))
+        P = self.num_prefix
+        return [(n[:, 0], n[:, P:].transpose(1, 2).reshape(x.shape[0], -1, h, w)) for n in outs]
 
     def feature_dims(self, levels):
         return [self.embed_dim] * levels
 
     @torch.no_grad()
-    def cls_attention(self, x):
-        """Last block's attention from CLS to every patch, (B, heads, h, w)."""
+    def attention_maps(self, x):
+        """Last block of each stream: spatial CLS-to-patch (B, heads, h, w) and spectral
+        CLS-to-band-group (B, heads, G) attention."""
         h, w = self.grid_size(x)
-        t = self.embed(x)
-        for blk in self.blocks[:-1]:
+        s, t = self.embed(x)
+        depth = len(self.spatial.blocks)
+        fusions = iter(self.fusions)
+        for i in range(depth - 1):
+            s, t = self.spatial.blocks[i](s), self.spectral.blocks[i](t)
+            if i in self.fuse_after:
+                s, t = next(fusions)(s, t)
+        last_s, last_t, P = self.spatial.blocks[-1], self.spectral.blocks[-1], self.num_prefix
+        a_s = last_s.attn.weights(last_s.norm1(s))[:, :, 0, P:].reshape(x.shape[0], -1, h, w)
+        a_t = last_t.attn.weights(last_t.norm1(t))[:, :, 0, P:]
+        return {"spatial": a_s, "spectral": a_t}
+
+
+# ----------------------------------------------------------------------------- MaskedSST-style transformer
+
+class FactorizedBlock(nn.Module):
+    """A transformer block over one axis of a (B, S, N, D) token cube: "spatial" attends among the N
+    patches of each spectral block, "spectral" among the S spectral blocks of each patch."""
+
+    def __init__(self, axis, *args, **kwargs):
+        super().__init__()
+        self.axis, self.block = axis, Block(*args, **kwargs)
+
+    def forward(self, t):
+        B, S, N, D = t.shape
+        if self.axis == "spatial":
+            return self.block(t.reshape(B * S, N, D)).reshape(B, S, N, D)
+        t = t.transpose(1, 2).reshape(B * N, S, D)
+        return self.block(t).reshape(B, N, S, D).transpose(1, 2)
+
+    def attention(self, t):
+        """(B, S, N, D) -> this block's attention (B*S, heads, N, N) or (B*N, heads, S, S)."""
+        B, S, N, D = t.shape
+        t = t.reshape(B * S, N, D) if self.axis == "spatial" else t.transpose(1, 2).reshape(B * N, S, D)
+        return self.block.attn.weights(self.block.norm1(t))
+
+
+class SpectralSpatialTransformer(nn.Module):
+    """MaskedSST-style factorised transformer (Scheibenreif et al., CVPRW 2023). Tokens are cubes of
+    p x p pixels x `spectral_patch` bands: (B, S, N, D) with S spectral blocks and N = h*w patches. Each
+    spectral block has its own linear embedding (blockwise patch embedding); a token's position is the
+    sum of a 2-D spatial embedding (learned, sin-cos initialised) and a spectral one (fixed sin-cos of the
+    block's centre wavelength, or learned when wavelengths are unknown). Blocks alternate between
+    attention over space and over spectrum. No CLS token: dense features are the tokens averaged over
+    the spectral blocks."""
+
+    streams = ("spatial",)
+
+    def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
+                 spectral_patch=8, wavelengths=None, mlp_ratio=4.0, ffn="mlp", layerscale=None,
+                 drop_path_rate=0.0, num_registers=0, mask_token=True):
+        super().__init__()
+        if in_chans % spectral_patch:
+            raise ValueError(f"{in_chans} bands do not split into blocks of {spectral_patch} (--spectral-patch)")
+        if num_registers:
+            raise ValueError("the sst backbone has no register tokens")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.in_chans, self.patch_size, self.spectral_patch = in_chans, patch_size, spectral_patch
+        self.num_blocks, self.embed_dim = in_chans // spectral_patch, embed_dim
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        piece = spectral_patch * patch_size ** 2
+        self.embed_weight = nn.Parameter(torch.empty(self.num_blocks, piece, embed_dim))  # one per block
+        self.embed_bias = nn.Parameter(torch.zeros(self.num_blocks, embed_dim))
+        bound = (6 / (piece + embed_dim)) ** 0.5
+        nn.init.uniform_(self.embed_weight, -bound, bound)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid)[None])  # (1, N, D)
+        if wavelengths is not None:
+            if len(wavelengths) != in_chans:
+                raise ValueError(f"{len(wavelengths)} wavelengths for {in_chans} bands")
+            centres = group_centres(wavelengths, spectral_patch)
+            self.register_buffer("spectral_pos", sincos_1d(embed_dim, centres)[None, :, None], persistent=False)
+        else:
+            self.spectral_pos = nn.Parameter(torch.empty(1, self.num_blocks, 1, embed_dim))
+            nn.init.trunc_normal_(self.spectral_pos, std=0.02)
+        self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if mask_token else None
+        dpr = np.linspace(0, drop_path_rate, depth)
+        self.blocks = nn.ModuleList(
+            FactorizedBlock("spatial" if i % 2 == 0 else "spectral", embed_dim, num_heads, mlp_ratio, True, ffn,
+                            layerscale, float(d)) for i, d in enumerate(dpr))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.blocks.apply(init_weights)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    grid_size = VisionTransformer.grid_size
+    interpolate_pos_embed = VisionTransformer.interpolate_pos_embed
+
+    def pieces(self, x):
+        """(B, C, H, W) -> (B, S, N, spectral_patch*p*p) token cubes."""
+        B, C, H, W = x.shape
+        patches = patchify(x.reshape(B * self.num_blocks, self.spectral_patch, H, W), self.patch_size)
+        return patches.reshape(B, self.num_blocks, patches.shape[1], -1)
+
+    def embed(self, x, mask=None):
+        """(B, C, H, W) -> (B, S, N, D); mask (B, S, N) True -> the mask token."""
+        h, w = self.grid_size(x)
+        t = torch.einsum("bsnk,skd->bsnd", self.pieces(x), self.embed_weight) + self.embed_bias[:, None]
+        if mask is not None:
+            t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
+        return t + self.interpolate_pos_embed(h, w)[:, None] + self.spectral_pos
+
+    def forward_tokens(self, x, mask=None):
+        """(B, C, H, W) -> normalised tokens (B, S, N, D)."""
+        t = self.embed(x, mask)
+        for blk in self.blocks:
             t = blk(t)
-        attn = self.blocks[-1].attn.weights(self.blocks[-1].norm1(t))
-        return attn[:, :, 0, self.num_prefix:].reshape(x.shape[0], -1, h, w)
+        return self.norm(t)
+
+    def intermediate_layers(self, x, blocks=4):
+        """(mean token (B, D), spectral-block-averaged patch tokens (B, D, h, w)) of the last blocks."""
+        h, w = self.grid_size(x)
+        wanted = _wanted_blocks(blocks, len(self.blocks))
+        t, outs = self.embed(x), []
+        for i, blk in enumerate(self.blocks):
+            t = blk(t)
+            if i in wanted:
+                n = self.norm(t).mean(1)  # (B, N, D)
+                outs.append((n.mean(1), n.transpose(1, 2).reshape(x.shape[0], -1, h, w)))
+        return outs
+
+    def feature_dims(self, levels):
+        return [self.embed_dim] * levels
+
+    @torch.no_grad()
+    def attention_maps(self, x):
+        """Without a CLS token: the attention each patch (spectral block) receives in the last spatial
+        (spectral) block, averaged over queries and over the other axis: (B, heads, h, w) and (B, heads, S)."""
+        (h, w), B = self.grid_size(x), x.shape[0]
+        t, maps = self.embed(x), {}
+        last = {ax: max(i for i, b in enumerate(self.blocks) if b.axis == ax) for ax in ("spatial", "spectral")}
+        for i, blk in enumerate(self.blocks):
+            if i == last["spatial"]:
+                a = blk.attention(t).mean(2)  # (B*S, heads, N)
+                maps["spatial"] = a.reshape(B, self.num_blocks, -1, h, w).mean(1)
+            if i == last["spectral"]:
+                a = blk.attention(t).mean(2)  # (B*N, heads, S)
+                maps["spectral"] = a.reshape(B, h * w, -1, self.num_blocks).mean(1)
+            t = blk(t)
+        return maps
 
 
 class PixelBackbone(nn.Module):
@@ -265,96 +593,180 @@ class PixelBackbone(nn.Module):
         return [self.in_chans]
 
 
+BACKBONES = {"vit": VisionTransformer, "ssvit": SpatialSpectralViT, "sst": SpectralSpatialTransformer}
+
+
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
-    """The one factory every script uses. The returned module carries `.config`, which checkpoints store
-    and `build_backbone(**config)` rebuilds."""
+    """The one factory every script uses: vit | ssvit | sst at size tiny | small | base, or pixel.
+    Options a backbone does not have must be None (so a script can pass e.g. `spectral_patch=None` to
+    any backbone). The returned module carries `.config`, which checkpoints store and
+    `build_backbone(**config)` rebuilds."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if name == "pixel":
         model = PixelBackbone(in_chans)
         model.config = dict(name=name, in_chans=in_chans)
         return model
-    if name != "vit":
-        raise ValueError(f"unknown backbone {name!r}; available: vit, pixel")
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}, pixel")
     if size not in VIT_SIZES:
         raise ValueError(f"unknown size {size!r}; available: {', '.join(VIT_SIZES)}")
+    if name == "vit":
+        kwargs.pop("wavelengths", None)  # only the spectral backbones place tokens by wavelength
     dim, depth, heads = VIT_SIZES[size]
-    model = VisionTransformer(in_chans, img_size, patch_size, dim, depth, heads, **kwargs)
+    try:
+        model = BACKBONES[name](in_chans, img_size, patch_size, dim, depth, heads, **kwargs)
+    except TypeError as e:  # an option this backbone does not have
+        raise ValueError(f"backbone {name!r}: {e}") from None
     model.config = dict(name=name, size=size, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **kwargs)
     return model
 
 
 # ----------------------------------------------------------------------------- MAE
 
-class MAE(nn.Module):
-    """Masked auto-encoder (He et al. 2022) around a VisionTransformer encoder. The encoder sees only the
-    visible patches (plus CLS and registers); a light decoder reconstructs every band of the masked
-    patches; the loss is the MSE on masked patches only, optionally against per-patch normalised targets."""
+class MAEDecoder(nn.Module):
+    """A light transformer that fills the dropped pieces of one stream with a mask token, adds fixed
+    positions and predicts the dropped pieces' values."""
 
-    def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
-                 norm_pix_loss=True):
+    def __init__(self, enc_dim, num_prefix, pos, piece_dim, dim, depth, heads):
         super().__init__()
-        self.encoder, self.mask_ratio, self.norm_pix_loss = encoder, mask_ratio, norm_pix_loss
-        p, C = encoder.patch_size, encoder.in_chans
-        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos = nn.Parameter(sincos_pos_embed(decoder_dim, *encoder.grid)[None])
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, C * p * p)
-        for m in [self.decoder_embed, *self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
-            m.apply(init_weights)
+        self.num_prefix = num_prefix
+        self.decoder_embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos = nn.Parameter(pos[None], requires_grad=False)  # (1, N, dim), fixed sin-cos
+        self.decoder_blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dim, piece_dim)
+        self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def random_masking(self, B, N, device):
-        """Per-sample random permutation: ids_keep (B, K) visible and ids_masked (B, N-K) masked patches,
+    def forward(self, latent, ids_restore, ids_masked):
+        """latent (B, prefix + K, D_enc) -> predictions (B, N-K, piece_dim) for the masked pieces only
+        (the prediction layer is the widest matrix here: C*p*p outputs per token)."""
+        P = self.num_prefix
+        t = self.decoder_embed(latent)
+        B, N = ids_restore.shape
+        masked = self.mask_token.expand(B, N + P - t.shape[1], -1)
+        pieces = gather_tokens(torch.cat([t[:, P:], masked], dim=1), ids_restore)
+        t = torch.cat([t[:, :P], pieces + self.decoder_pos], dim=1)
+        for blk in self.decoder_blocks:
+            t = blk(t)
+        return self.decoder_pred(gather_tokens(self.decoder_norm(t)[:, P:], ids_masked))
+
+
+class MAE(nn.Module):
+    """Masked auto-encoder (He et al. 2022) around a ViT or a spatial-spectral ViT. Each stream drops a
+    random share of its pieces (75% of the patches; `spectral_mask_ratio` of the band groups); the encoder
+    sees only what is left (plus CLS and registers); one light decoder per stream reconstructs its
+    dropped pieces (all bands of a patch; a band group's pooled image); the loss is the MSE on dropped
+    pieces only, optionally against per-piece normalised targets, averaged over the streams."""
+
+    def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
+                 norm_pix_loss=True, spectral_mask_ratio=0.5):
+        super().__init__()
+        self.encoder, self.norm_pix_loss = encoder, norm_pix_loss
+        self.ratios = [mask_ratio, spectral_mask_ratio][:len(encoder.streams)]
+        h, w = encoder.grid
+        pieces = encoder.pieces(torch.zeros(1, encoder.in_chans, h * encoder.patch_size, w * encoder.patch_size))
+        positions = [sincos_pos_embed(decoder_dim, h, w), sincos_1d(decoder_dim, np.arange(pieces[-1].shape[1]))]
+        self.decoders = nn.ModuleList(
+            MAEDecoder(encoder.embed_dim, encoder.num_prefix, pos, piece.shape[-1], decoder_dim, decoder_depth,
+                       decoder_heads) for pos, piece in zip(positions, pieces))
+
+    @property
+    def mask_ratio(self):
+        return self.ratios[0]
+
+    def random_masking(self, B, N, device, ratio=None):
+        """Per-sample random permutation: ids_keep (B, K) visible and ids_masked (B, N-K) masked pieces,
         ids_restore (B, N) undoing the shuffle."""
-        keep = max(1, int(round(N * (1 - self.mask_ratio))))
+        keep = max(1, int(round(N * (1 - (self.mask_ratio if ratio is None else ratio)))))
         ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)
         return ids_shuffle[:, :keep], ids_shuffle[:, keep:], ids_shuffle.argsort(dim=1)
 
-    def forward_decoder(self, latent, ids_restore, ids_masked):
-        """latent (B, prefix + K, D_enc) -> predictions (B, N-K, C*p*p) for the masked patches only (the
-        prediction layer is the widest matrix here: C*p*p outputs per token)."""
-        n_prefix = self.encoder.num_prefix
-        t = self.decoder_embed(latent)
-        B, N = ids_restore.shape
-        masked = self.mask_token.expand(B, N + n_prefix - t.shape[1], -1)
-        patches = gather_tokens(torch.cat([t[:, n_prefix:], masked], dim=1), ids_restore)
-        t = torch.cat([t[:, :n_prefix], patches + self.decoder_pos], dim=1)
-        for blk in self.decoder_blocks:
-            t = blk(t)
-        return self.decoder_pred(gather_tokens(self.decoder_norm(t)[:, n_prefix:], ids_masked))
-
-    def normalize_targets(self, patches):
+    def normalize_targets(self, pieces):
         if not self.norm_pix_loss:
-            return patches
-        var, mean = torch.var_mean(patches, dim=-1, keepdim=True)
-        return (patches - mean) * (var + 1e-6).rsqrt()
+            return pieces
+        var, mean = torch.var_mean(pieces, dim=-1, keepdim=True)
+        return (pieces - mean) * (var + 1e-6).rsqrt()
 
     def forward(self, x):
-        """x (B, C, H, W) -> loss, predictions (B, M, C*p*p) of the M masked patches, ids_masked (B, M)."""
+        """x (B, C, H, W) -> loss, per stream: predictions (B, M, piece_dim) of the M dropped pieces and
+        ids_masked (B, M)."""
         grid = self.encoder.grid_size(x)
         if grid != self.encoder.grid:
             raise ValueError(f"MAE is trained at {self.encoder.grid} patches, got input {tuple(x.shape[-2:])}")
-        patches = patchify(x, self.encoder.patch_size)  # (B, N, C*p*p)
-        ids_keep, ids_masked, ids_restore = self.random_masking(x.shape[0], patches.shape[1], x.device)
-        latent = self.encoder.run_blocks(self.encoder.embed_patches(patches, grid, ids_keep))
-        pred = self.forward_decoder(latent, ids_restore, ids_masked)
-        target = self.normalize_targets(gather_tokens(patches, ids_masked))
-        return F.mse_loss(pred.float(), target.float()), pred, ids_masked
+        targets = self.encoder.pieces(x)  # per stream (B, N, piece_dim)
+        ids = [self.random_masking(x.shape[0], t.shape[1], x.device, r) for t, r in zip(targets, self.ratios)]
+        latents = self.encoder.encode(x, keep=[i[0] for i in ids])
+        preds, losses = [], []
+        for decoder, latent, target, (_, ids_masked, ids_restore) in zip(self.decoders, latents, targets, ids):
+            preds.append(decoder(latent, ids_restore, ids_masked))
+            target = self.normalize_targets(gather_tokens(target, ids_masked))
+            losses.append(F.mse_loss(preds[-1].float(), target.float()))
+        return sum(losses) / len(losses), preds, [i[1] for i in ids]
 
     @torch.no_grad()
-    def reconstruct(self, x, pred, ids_masked):
-        """Images from predictions: visible patches copied from x, masked ones predicted (de-normalised
-        with the true patch statistics when the targets were normalised), and the (B, N) mask."""
-        p = self.encoder.patch_size
+    def reconstruct(self, x, preds, ids_masked):
+        """Images from the spatial stream's predictions (forward's outputs): visible patches copied from
+        x, masked ones predicted (de-normalised with the true patch statistics when the targets were
+        normalised), and the (B, N) patch mask."""
+        p, pred, ids_masked = self.encoder.patch_size, preds[0].float(), ids_masked[0]
         patches = patchify(x.float(), p)
-        pred = pred.float()
         if self.norm_pix_loss:
             var, mean = torch.var_mean(gather_tokens(patches, ids_masked), dim=-1, keepdim=True)
             pred = pred * (var + 1e-6).sqrt() + mean
         patches = patches.scatter(1, ids_masked[..., None].expand(-1, -1, patches.shape[-1]), pred)
         mask = torch.zeros(patches.shape[:2], device=x.device).scatter(1, ids_masked, 1.0)
         return unpatchify(patches, p, x.shape[1], *self.encoder.grid), mask
+
+
+class SimMIM(nn.Module):
+    """SimMIM-style masked image modelling for the factorised `SpectralSpatialTransformer`: masked tokens
+    are replaced by a mask token inside the encoder (factorised attention needs the full token cube), a
+    linear head per spectral block predicts each token's pixels, and the loss is the L1 error on masked
+    tokens only. Tube masking: a sample's masked patches are masked in every spectral block. Every
+    sample masks exactly round(ratio * N) patches and the loss reads the boolean mask itself, so unlike
+    the reference implementation no visible token can enter the loss."""
+
+    def __init__(self, encoder, mask_ratio=0.7):
+        super().__init__()
+        self.encoder, self.mask_ratio = encoder, mask_ratio
+        S, D = encoder.num_blocks, encoder.embed_dim
+        piece = encoder.spectral_patch * encoder.patch_size ** 2
+        self.pred_weight = nn.Parameter(torch.empty(S, D, piece))
+        self.pred_bias = nn.Parameter(torch.zeros(S, piece))
+        nn.init.trunc_normal_(self.pred_weight, std=0.02)
+
+    def tube_mask(self, B, N, device):
+        """(B, N) boolean, exactly round(ratio * N) True per row, chosen uniformly."""
+        k = int(round(self.mask_ratio * N))
+        ranks = torch.rand(B, N, device=device).argsort(dim=1).argsort(dim=1)
+        return ranks < k
+
+    def forward(self, x, mask=None):
+        """x (B, C, H, W) -> loss, predictions (B, S, N, piece), mask (B, N)."""
+        target = self.encoder.pieces(x)  # (B, S, N, piece)
+        B, S, N, _ = target.shape
+        mask = self.tube_mask(B, N, x.device) if mask is None else mask
+        tokens = self.encoder.forward_tokens(x, mask[:, None].expand(-1, S, -1))
+        pred = torch.einsum("bsnd,sdk->bsnk", tokens, self.pred_weight) + self.pred_bias[:, None]
+        return masked_l1(pred.float(), target.float(), mask), pred, mask
+
+    @torch.no_grad()
+    def reconstruct(self, x, pred, mask):
+        """Images with the masked patches predicted (all spectral blocks), and the (B, N) patch mask."""
+        B, C, H, W = x.shape
+        S, p = self.encoder.num_blocks, self.encoder.patch_size
+        pieces = torch.where(mask[:, None, :, None], pred.float(), self.encoder.pieces(x.float()))
+        img = unpatchify(pieces.flatten(0, 1), p, C // S, H // p, W // p)  # (B*S, C/S, H, W)
+        return img.reshape(B, C, H, W), mask.float()
+
+
+def masked_l1(pred, target, mask):
+    """Mean absolute error over the tokens where mask (B, N) is True, pred/target (B, S, N, K)."""
+    err = (pred - target).abs().mean(-1)  # (B, S, N)
+    m = mask[:, None].expand_as(err).to(err.dtype)
+    return (err * m).sum() / m.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------------- DINO
@@ -418,8 +830,9 @@ class SegmentationModel(nn.Module):
         self.levels = len(dims)
         self.decoder = DECODERS[decoder](dims, num_classes)
         self.backbone.requires_grad_(not frozen_backbone)
-        if getattr(backbone, "mask_token", None) is not None:
-            backbone.mask_token.requires_grad_(False)  # unused here; DDP rejects parameters without grads
+        for name, p in backbone.named_parameters():
+            if name.endswith("mask_token"):
+                p.requires_grad_(False)  # unused here; DDP rejects parameters without grads
 
     def train(self, mode=True):
         super().train(mode)

@@ -26,13 +26,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
     p.add_argument("--split", default="tr")
-    p.add_argument("--backbone", default="vit")
+    p.add_argument("--backbone", default="vit", help="vit | ssvit (spatial-spectral ViT: DINO and iBOT on "
+                   "both streams, averaged)")
     p.add_argument("--size", default="tiny")
     p.add_argument("--img-size", type=int, default=64, help="tile and global-crop size")
     p.add_argument("--local-size", type=int, default=32)
     p.add_argument("--local-crops", type=int, default=4, help="local crops per tile (DINOv2: 8)")
     p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--registers", type=int, default=4, help="register tokens (the study: 4)")
+    p.add_argument("--spectral-patch", type=int, default=None, help="ssvit: bands per spectral token (default 2)")
+    p.add_argument("--registers", type=int, default=4, help="register tokens (per stream; the study: 4)")
     p.add_argument("--ffn", default="swiglu", choices=["mlp", "swiglu"])
     p.add_argument("--layerscale", type=float, default=0.0, help="LayerScale init, 0 = off; the study used 1e-5, "
                    "which keeps every residual branch ~0 (teacher targets uniform) for hundreds of steps")
@@ -46,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--ibot-weight", type=float, default=1.0)
     p.add_argument("--koleo-weight", type=float, default=0.1)
     p.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5))
-    p.add_argument("--mask-probability", type=float, default=0.5, help="share of images with masked patches")
+    p.add_argument("--mask-probability", type=float, default=0.5, help="share of images with masked patches (and, "
+                   "for ssvit, drawn separately, with masked band groups)")
     p.add_argument("--student-temp", type=float, default=0.1)
     p.add_argument("--teacher-temp", type=float, default=0.07, help="lower it if training is unstable")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
@@ -132,47 +135,68 @@ def koleo(features, eps=1e-8):
 # ----------------------------------------------------------------------------- model
 
 class Student(nn.Module):
-    """Backbone + DINO head (+ iBOT head). The teacher is an EMA copy of this module."""
+    """Backbone + one DINO head (+ one iBOT head) per stream of the backbone (the ViT has one stream,
+    the spatial-spectral ViT two). The teacher is an EMA copy of this module."""
 
-    def __init__(self, backbone, dino_head, ibot_head=None):
+    def __init__(self, backbone, dino_heads, ibot_heads=None):
         super().__init__()
-        self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+        self.backbone, self.dino_heads = backbone, nn.ModuleList(dino_heads)
+        self.ibot_heads = nn.ModuleList(ibot_heads) if ibot_heads else None
+
+    def heads(self, tokens, masks):
+        """Per stream: tokens (n, prefix + N, D), masks (n, N) -> (CLS (n, D), DINO logits of the CLS
+        (n, K), iBOT logits of the masked tokens (M, K) or None)."""
+        out, P = [], self.backbone.num_prefix
+        for s, (t, m) in enumerate(zip(tokens, masks)):
+            ibot_head = (self.ibot_heads or self.dino_heads)[s]
+            ibot = ibot_head(t[:, P:][m]) if m is not None and m.any() else None
+            out.append((t[:, 0], self.dino_heads[s](t[:, 0]), ibot))
+        return out
 
     def forward(self, global_crops, local_crops=None, masks=None):
-        """global_crops (2B, C, G, G), local_crops (nB, C, L, L), masks (2B, N) -> CLS features (2B, D),
-        DINO logits of global (2B, K) and local (nB, K) CLS tokens, iBOT logits of masked patches (M, K)."""
-        tokens = self.backbone.forward_features(global_crops, masks)
-        cls, patches = tokens[:, 0], tokens[:, self.backbone.num_prefix:]
-        local_logits = None
+        """global_crops (2B, C, G, G), local_crops (nB, C, L, L), masks per stream (2B, N) -> per stream:
+        CLS features (2B, D), DINO logits of global (2B, K) and local (nB, K) CLS tokens, iBOT logits of
+        masked tokens (M, K)."""
+        masks = masks or [None] * len(self.dino_heads)
+        out = self.heads(self.backbone.encode(global_crops, mask=masks), masks)
+        local = [None] * len(out)
         if local_crops is not None and len(local_crops):
-            local_logits = self.dino_head(self.backbone.forward_features(local_crops)[:, 0])
-        ibot = (self.ibot_head or self.dino_head)(patches[masks]) if masks is not None and masks.any() else None
-        return cls, self.dino_head(cls), local_logits, ibot
+            local = [head(t[:, 0]) for head, t in zip(self.dino_heads, self.backbone.encode(local_crops))]
+        return [(cls, g, loc, ibot) for (cls, g, ibot), loc in zip(out, local)]
 
 
 class DINOLoss(nn.Module):
-    """DINOv2's objective with its normalisation: DINO cross-entropy over (global teacher, other global
-    student) and (global teacher, local student) pairs divided by the number of pairs, iBOT cross-entropy
-    on masked patches weighted 1 / (masked patches of that image) and averaged over images, KoLeo on the
-    student's global CLS features of each crop."""
+    """DINOv2's objective with its normalisation, per stream and averaged over streams: DINO
+    cross-entropy over (global teacher, other global student) and (global teacher, local student) pairs
+    divided by the number of pairs, iBOT cross-entropy on masked tokens weighted 1 / (masked tokens of
+    that image) and averaged over images, KoLeo on the student's global CLS features of each crop."""
 
-    def __init__(self, args, num_prototypes):
+    def __init__(self, args, num_prototypes, streams=("spatial",)):
         super().__init__()
-        self.args = args
+        self.args, self.streams = args, streams
         if args.centering == "center":
-            self.dino_center = Centering(num_prototypes)
-            self.ibot_center = Centering(num_prototypes)
+            self.centers = nn.ModuleList(nn.ModuleDict({"dino": Centering(num_prototypes),
+                                                        "ibot": Centering(num_prototypes)}) for _ in streams)
 
-    def teacher_probs(self, logits, temp, which):
+    def teacher_probs(self, logits, temp, stream, which):
         if self.args.centering == "sinkhorn":
             return sinkhorn_knopp(logits, temp)
-        return getattr(self, f"{which}_center")(logits, temp)
+        return self.centers[stream][which](logits, temp)
 
     def forward(self, student_out, teacher_out, masks, teacher_temp):
+        loss, terms = 0.0, {}
+        for s, name in enumerate(self.streams):
+            stream_loss, stream_terms = self.stream_loss(s, student_out[s], teacher_out[s], masks[s], teacher_temp)
+            loss = loss + stream_loss / len(self.streams)
+            prefix = "" if len(self.streams) == 1 else f"{name}/"
+            terms.update({prefix + k: v for k, v in stream_terms.items()})
+        return loss, terms
+
+    def stream_loss(self, stream, student_out, teacher_out, masks, teacher_temp):
         cls, s_global, s_local, s_ibot = student_out
         t_global, t_ibot = teacher_out
         a = self.args
-        t_probs = self.teacher_probs(t_global, teacher_temp, "dino")
+        t_probs = self.teacher_probs(t_global, teacher_temp, stream, "dino")
         t_swapped = torch.cat(t_probs.chunk(2)[::-1])  # crop 1's student learns from crop 2's teacher
         n_local = 0 if s_local is None else s_local.shape[0] // (s_global.shape[0] // 2)
         pairs = 2 + 2 * n_local
@@ -185,7 +209,7 @@ class DINOLoss(nn.Module):
             loss = loss + terms["dino_local"]
         if s_ibot is not None and a.ibot_weight:
             weight = (1 / masks.sum(1).clamp(min=1).float())[:, None].expand_as(masks)[masks]
-            ce = cross_entropy(s_ibot, self.teacher_probs(t_ibot, teacher_temp, "ibot"), a.student_temp)
+            ce = cross_entropy(s_ibot, self.teacher_probs(t_ibot, teacher_temp, stream, "ibot"), a.student_temp)
             terms["ibot"] = (ce * weight).sum() / masks.shape[0]
             loss = loss + a.ibot_weight * terms["ibot"]
         if a.koleo_weight:
@@ -199,12 +223,17 @@ class DINOLoss(nn.Module):
         return loss, terms
 
 
-def build(args, in_chans):
+def build(args, in_chans, wavelengths=None):
+    if args.backbone not in ("vit", "ssvit"):
+        raise ValueError(f"pretrain_dino.py trains vit or ssvit, not {args.backbone!r} (pre-train sst with "
+                         "pretrain_mae.py: SimMIM)")
     backbone = build_backbone(args.backbone, args.size, in_chans, args.img_size, args.patch_size,
                               num_registers=args.registers, ffn=args.ffn, layerscale=args.layerscale or None,
-                              drop_path_rate=args.drop_path, mask_token=True)
-    head = lambda: DINOHead(backbone.embed_dim, args.prototypes, args.head_hidden, args.head_bottleneck)  # noqa
-    student = Student(backbone, head(), head() if args.separate_ibot_head else None)
+                              drop_path_rate=args.drop_path, mask_token=True, spectral_patch=args.spectral_patch,
+                              wavelengths=wavelengths)
+    heads = lambda: [DINOHead(backbone.embed_dim, args.prototypes, args.head_hidden, args.head_bottleneck)  # noqa
+                     for _ in backbone.streams]
+    student = Student(backbone, heads(), heads() if args.separate_ibot_head else None)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     return student, teacher.eval()  # eval: the teacher has no stochastic depth
@@ -212,10 +241,8 @@ def build(args, in_chans):
 
 @torch.no_grad()
 def teacher_forward(teacher, global_crops, masks):
-    tokens = teacher.backbone.forward_features(global_crops)
-    patches = tokens[:, teacher.backbone.num_prefix:]
-    ibot = (teacher.ibot_head or teacher.dino_head)(patches[masks]) if masks.any() else None
-    return teacher.dino_head(tokens[:, 0]), ibot
+    """Per stream: DINO logits of the CLS tokens and iBOT logits of the tokens the student has masked."""
+    return [(g, ibot) for _, g, ibot in teacher.heads(teacher.backbone.encode(global_crops), masks)]
 
 
 @torch.no_grad()
@@ -225,15 +252,19 @@ def ema_update(teacher, student, momentum):
     torch._foreach_add_(t, s, alpha=1 - momentum)
 
 
-def batch_masks(args, step, rank, batch, grid):
-    """This rank's slice of the global batch's iBOT masks, drawn from (seed, step) alone so that one
-    process and several see the same masks for the same global batch."""
+def batch_masks(args, step, rank, batch, backbone):
+    """This rank's slice of the global batch's masks, per stream (2 crops * batch, N) crop-major: block
+    masks over the spatial patches and, for the spatial-spectral ViT, random band-group masks over the
+    spectral tokens. Drawn from (seed, step) alone so one process and several see the same masks for
+    the same global batch."""
     world = dist.get_world_size() if dist.is_initialized() else 1
+    n, ratio, prob = 2 * batch * world, tuple(args.mask_ratio), args.mask_probability
     rng = np.random.default_rng((args.seed, 7, step))
-    masks = np.concatenate([data.ibot_masks(batch * world, *grid, rng, tuple(args.mask_ratio), args.mask_probability)
-                            for _ in range(2)])  # (2 crops * B * world, N), crop-major
-    per_crop = masks.reshape(2, world, batch, -1)[:, rank]
-    return torch.from_numpy(per_crop.reshape(2 * batch, -1))
+    masks = [np.concatenate([data.ibot_masks(n // 2, *backbone.grid, rng, ratio, prob) for _ in range(2)])]
+    if "spectral" in backbone.streams:
+        rng = np.random.default_rng((args.seed, 8, step))
+        masks.append(data.spectral_masks(n, backbone.spectral.num_groups, rng, ratio, prob))
+    return [torch.from_numpy(m.reshape(2, world, batch, -1)[:, rank].reshape(2 * batch, -1)) for m in masks]
 
 
 def main(argv=None):
@@ -246,9 +277,9 @@ def train(args, rank, world, device):
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
     datasets = data.load_datasets(args.data, args.split, args.cache_dir)
     in_chans = data.check_same_bands(datasets, args.backbone)
-    student, teacher = (m.to(device) for m in build(args, in_chans))
+    student, teacher = (m.to(device) for m in build(args, in_chans, datasets[0].wavelengths))
     common.seed_everything(args.seed, rank)  # then per-rank streams (stochastic depth)
-    criterion = DINOLoss(args, args.prototypes).to(device)
+    criterion = DINOLoss(args, args.prototypes, student.backbone.streams).to(device)
     lr = common.scaled_lr(args.blr, args.batch_size, world)
     common.print0(f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student params | {in_chans} bands | "
                   f"lr {lr:.2e} | {dtype} on {device}")
@@ -274,7 +305,7 @@ def train(args, rank, world, device):
         (g, loc), _, _ = next(batches)  # (B, 2, C, G, G), (B, n, C, L, L)
         g = g.transpose(0, 1).flatten(0, 1).to(device, non_blocking=True)  # crop-major (2B, C, G, G)
         loc = loc.transpose(0, 1).flatten(0, 1).to(device, non_blocking=True)
-        masks = batch_masks(args, step, rank, args.batch_size, student.backbone.grid).to(device)
+        masks = [m.to(device) for m in batch_masks(args, step, rank, args.batch_size, student.backbone)]
         common.set_lr(optimizer, sched["lr"][step])
         optimizer.param_groups[0]["weight_decay"] = sched["wd"][step]  # the decayed group
         temp = float(sched["teacher_temp"][step])
@@ -283,9 +314,8 @@ def train(args, rank, world, device):
             loss, terms = criterion(ddp(g, loc, masks), teacher_out, masks, temp)
         scaler.scale(loss).backward()
         if step < args.freeze_prototypes_steps:
-            for head in (student.dino_head, student.ibot_head):
-                if head is not None:
-                    head.prototypes.grad = None
+            for head in [*student.dino_heads, *(student.ibot_heads or [])]:
+                head.prototypes.grad = None
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
         scaler.step(optimizer)
@@ -298,7 +328,8 @@ def train(args, rank, world, device):
         if save or done % args.log_every == 0:
             stats = {**meters.flush(done, ckpt_path), **{k: float(v[step]) for k, v in sched.items()}}
             logger.scalars(done, stats, images=args.batch_size * world)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", std=f"{stats['cls_std']:.3f}")
+            std = min(v for k, v in stats.items() if k.endswith("cls_std"))
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", std=f"{std:.3f}")
         if save:
             common.save_checkpoint(ckpt_path, done, args, student.backbone.config, ("teacher", "backbone."), **state)
     logger.close()

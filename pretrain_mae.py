@@ -1,6 +1,9 @@
-"""Masked auto-encoder pre-training of a hyperspectral ViT.
+"""Masked image modelling of a hyperspectral backbone: MAE for `vit` and `ssvit` (both streams masked
+and reconstructed), SimMIM for the factorised `sst` (MaskedSST-style: mask tokens, tube masking, L1).
 
     python pretrain_mae.py                                   # small real run on the bundled Indian Pines
+    python pretrain_mae.py --backbone ssvit --out runs/mae_ssvit
+    python pretrain_mae.py --backbone sst --spectral-patch 25 --out runs/mim_sst
     torchrun --nproc_per_node 2 pretrain_mae.py --out runs/mae2
     python pretrain_mae.py --data /data/WHU-OHS --size base --batch-size 128 --steps 50000 --out runs/mae_b
 """
@@ -12,20 +15,23 @@ from tqdm import tqdm
 
 import common
 import data
-from models import MAE, MAE_DECODER_SIZES, build_backbone, unpatchify
+from models import MAE, MAE_DECODER_SIZES, SimMIM, build_backbone, unpatchify
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
     p.add_argument("--split", default="tr", help="WHU-OHS split to pre-train on (ignored for scene folders)")
-    p.add_argument("--backbone", default="vit")
+    p.add_argument("--backbone", default="vit", help="vit | ssvit (spatial-spectral ViT) | sst (MaskedSST-style)")
     p.add_argument("--size", default="tiny", help="tiny | small | base (base = the study's ViT-B)")
     p.add_argument("--img-size", type=int, default=64, help="tile size in pixels; tiles are cut, never resized")
     p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--registers", type=int, default=0, help="register tokens (DINOv2 uses 4)")
+    p.add_argument("--spectral-patch", type=int, default=None, help="bands per spectral token: ssvit band groups "
+                   "(default 2), sst spectral blocks (default 8; bands must divide evenly)")
+    p.add_argument("--registers", type=int, default=None, help="register tokens (default: vit 0, ssvit 4 per stream)")
     p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
-    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--mask-ratio", type=float, default=None, help="share of patches masked (MAE 0.75; sst 0.7)")
+    p.add_argument("--spectral-mask-ratio", type=float, default=0.5, help="ssvit: share of band groups dropped")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised targets (MAE paper: better representations)")
     p.add_argument("--decoder-dim", type=int, default=None, help="default by --size; base: 512 (MAE paper)")
@@ -51,18 +57,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_model(args, in_chans):
-    encoder = build_backbone(args.backbone, args.size, in_chans, args.img_size, args.patch_size,
-                             num_registers=args.registers, ffn=args.ffn)
+def build_model(args, ds):
+    encoder = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
+                             num_registers=args.registers, ffn=args.ffn, spectral_patch=args.spectral_patch,
+                             wavelengths=ds.wavelengths)
+    if args.backbone == "sst":
+        return SimMIM(encoder, args.mask_ratio or 0.7)
     dim, depth, heads = MAE_DECODER_SIZES[args.size]
     return MAE(encoder, args.decoder_dim or dim, args.decoder_depth or depth, args.decoder_heads or heads,
-               args.mask_ratio, args.norm_pix_loss)
+               args.mask_ratio or 0.75, args.norm_pix_loss, args.spectral_mask_ratio)
 
 
-def log_reconstructions(logger, model, x, pred, ids_masked, bands, step, n=4):
+def log_reconstructions(logger, model, x, outputs, bands, step, n=4):
     """Input | masked input | reconstruction, for the first n images, from three bands."""
-    x = x[:n].float()
-    recon, mask = model.reconstruct(x, pred[:n], ids_masked[:n])
+    recon, mask = model.reconstruct(x.float(), *outputs)
+    x, recon, mask = x[:n].float(), recon[:n], mask[:n]
     p, (h, w) = model.encoder.patch_size, model.encoder.grid
     pixel_mask = unpatchify(mask[..., None].expand(-1, -1, p * p), p, 1, h, w)  # (n, 1, H, W)
     rows = [torch.cat([data.render_bands(x[i], bands), data.render_bands(x[i], bands) * (1 - pixel_mask[i]),
@@ -80,7 +89,7 @@ def train(args, rank, world, device):
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
     datasets = data.load_datasets(args.data, args.split, args.cache_dir)
     in_chans = data.check_same_bands(datasets, args.backbone)
-    model = build_model(args, in_chans).to(device)
+    model = build_model(args, datasets[0]).to(device)
     lr = common.scaled_lr(args.blr, args.batch_size, world)
     common.print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {in_chans} bands | "
                   f"lr {lr:.2e} (blr {args.blr} x {args.batch_size * world} / 256) | {dtype} on {device}")
@@ -102,7 +111,7 @@ def train(args, rank, world, device):
         x = next(batches)[0].to(device, non_blocking=True)  # (B, C, H, W) normalised
         common.set_lr(optimizer, lr_schedule[step])
         with common.autocast(device, dtype):
-            loss, pred, ids_masked = ddp(x)
+            loss, *outputs = ddp(x)
         scaler.scale(loss).backward()
         if args.clip_grad:
             scaler.unscale_(optimizer)
@@ -118,7 +127,7 @@ def train(args, rank, world, device):
             logger.scalars(done, stats, images=args.batch_size * world)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.1e}")
         if done % args.image_every == 0 and common.is_main():
-            log_reconstructions(logger, model, x, pred.detach(), ids_masked, bands, done)
+            log_reconstructions(logger, model, x, outputs, bands, done)
         if save:
             common.save_checkpoint(ckpt_path, done, args, model.encoder.config, ("model", "encoder."), **state)
     logger.close()

@@ -70,7 +70,7 @@ def test_masked_tokens_never_reach_the_encoder(registers):
     mae.encoder.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
     x = torch.randn(2, 6, 32, 32)
     torch.manual_seed(1)
-    _, _, masked = mae(x)
+    _, _, (masked,) = mae(x)
     assert seen[0] == (2, 1 + registers + 4, 192)  # 25% of 16 patches + prefix tokens
     # Changing the masked pixels changes nothing the encoder sees.
     latents = []
@@ -88,7 +88,7 @@ def test_loss_is_on_masked_patches_only():
     mae = tiny_mae().eval()
     x = torch.randn(2, 6, 32, 32)
     torch.manual_seed(1)
-    loss, pred, masked = mae(x)
+    loss, (pred,), (masked,) = mae(x)
     target = mae.normalize_targets(torch.gather(patchify(x, 8), 1, masked[..., None].expand(-1, -1, 6 * 64)))
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
     var, mean = torch.var_mean(target, dim=-1)
@@ -98,8 +98,7 @@ def test_loss_is_on_masked_patches_only():
 def test_reconstruction_keeps_visible_patches():
     mae = tiny_mae().eval()
     x = torch.randn(2, 6, 32, 32)
-    _, pred, masked = mae(x)
-    recon, mask = mae.reconstruct(x, pred, masked)
+    recon, mask = mae.reconstruct(x, *mae(x)[1:])
     assert recon.shape == x.shape and mask.sum() == 2 * 12
     visible = ~mask.bool()
     torch.testing.assert_close(patchify(recon, 8)[visible], patchify(x, 8)[visible])

@@ -82,7 +82,7 @@ def test_sliding_window_equals_single_pass(scene, cache_dir):
 
 def test_attention_maps_shape():
     vit = build_backbone("vit", "tiny", 6, img_size=32, num_registers=4)
-    attn = vit.cls_attention(torch.randn(2, 6, 32, 32))
+    attn = vit.attention_maps(torch.randn(2, 6, 32, 32))["spatial"]
     assert attn.shape == (2, 3, 4, 4)
     assert (attn.sum((-2, -1)) <= 1 + 1e-5).all()  # CLS also attends to itself and the registers
 
