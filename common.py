@@ -141,10 +141,10 @@ def scaled_lr(base_lr, batch_size, world_size, reference_batch=256):
     return base_lr * batch_size * world_size / reference_batch
 
 
-def decay_groups(module, weight_decay, lr_scale=1.0):
-    """Parameter groups without weight decay on biases, norms and tokens (every parameter with < 2 dims);
-    the decayed group comes first. lr_scale is applied by set_lr."""
-    params = [p for p in module.parameters() if p.requires_grad]
+def decay_groups(params, weight_decay, lr_scale=1.0):
+    """Parameter groups (of a module or a list of parameters) without weight decay on biases, norms and
+    tokens (every parameter with < 2 dims); the decayed group comes first. lr_scale is applied by set_lr."""
+    params = [p for p in (params.parameters() if hasattr(params, "parameters") else params) if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": lr_scale},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
     return [g for g in groups if g["params"]]

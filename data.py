@@ -175,10 +175,16 @@ class HSIDataset:
     kind: str = "scene"           # "scene" (one raster, sparse labels) or "whu" (tiles with dense labels)
     mean: np.ndarray = field(default=None, repr=False)
     std: np.ndarray = field(default=None, repr=False)
+    pca: np.ndarray = field(default=None, repr=False)  # (k, C) projection of normalised bands, see fit_pca
+
+    @property
+    def raw_bands(self):
+        return self.rasters[0].image.shape[0]
 
     @property
     def bands(self):
-        return self.rasters[0].image.shape[0]
+        """Channels a model sees: the raw bands, or the principal components with PCA."""
+        return self.raw_bands if self.pca is None else self.pca.shape[0]
 
     def physical(self, raw, out=None):
         """Raw integers -> float32 (reflectance where the scale is known), written into `out`, and a
@@ -223,9 +229,11 @@ class HSIDataset:
         return img, lab
 
     def normalize(self, img):
-        """In place: (x - mean) / std per band."""
+        """(x - mean) / std per band, in place; with PCA then projected to (k, h, w) components."""
         img -= self.mean[:, None, None]
         img *= (1 / self.std)[:, None, None]
+        if self.pca is not None:
+            img = np.einsum("kc,chw->khw", self.pca, img, optimize=True).astype(np.float32)
         return img
 
 
@@ -324,7 +332,7 @@ def band_stats(ds, cache):
     path = os.path.join(cache.dir, f"stats-{key}.json")
     cached = _read_json(path)
     if cached is None:
-        total = np.zeros(ds.bands), np.zeros(ds.bands), 0
+        total = np.zeros(ds.raw_bands), np.zeros(ds.raw_bands), 0
         s1, s2, n = total
         for r in rasters:
             for y in range(0, r.image.shape[1], 256):  # row blocks bound the memory used
@@ -354,8 +362,34 @@ def display_bands(ds, false_colour=False):
     if ds.wavelengths:
         wl = np.asarray(ds.wavelengths)
         return [int(np.abs(wl - t).argmin()) for t in ((840, 670, 566) if false_colour else (670, 566, 480))]
-    c = ds.bands
+    c = ds.raw_bands
     return [c - 1, c // 2, c // 4] if false_colour else [3 * c // 4, c // 2, c // 4]
+
+
+def fit_pca(ds, components, mask=None, max_pixels=200_000, seed=0):
+    """The study's band reduction: a (components, C) projection of the normalised bands onto their
+    leading principal components, each scaled to unit variance, fitted on training pixels only (the
+    pixels where mask (H, W) is True for a scene's split; a sample of all pixels of a training set
+    otherwise). Returns (projection, explained variance share of each component)."""
+    if not 0 < components <= ds.raw_bands:
+        raise DataError(f"{ds.name}: --pca {components} must be between 1 and the {ds.raw_bands} bands")
+    rng = np.random.default_rng(seed)
+    rasters = rng.permutation(len(ds.rasters))[:64]  # WHU-OHS: a sample of the training tiles
+    rows = []
+    for i in rasters:
+        H, W = ds.rasters[i].image.shape[1:]
+        where = np.flatnonzero(mask) if mask is not None else np.arange(H * W)
+        where = rng.choice(where, min(len(where), max_pixels // len(rasters)), replace=False)
+        img = (ds.crop(i, 0, 0, H, W)[0] - ds.mean[:, None, None]) / ds.std[:, None, None]
+        rows.append(img.reshape(img.shape[0], -1)[:, where].T)
+    x = np.concatenate(rows).astype(np.float64)
+    if len(x) < components:
+        raise DataError(f"{ds.name}: {len(x)} training pixels cannot fit {components} components")
+    x -= x.mean(0)
+    eigval, eigvec = np.linalg.eigh(x.T @ x / len(x))
+    order = np.argsort(eigval)[::-1][:components]
+    projection = (eigvec[:, order] / np.sqrt(np.maximum(eigval[order], 1e-12))).T
+    return projection.astype(np.float32), eigval[order] / eigval.sum()
 
 
 # ----------------------------------------------------------------------------- augmentations

@@ -226,7 +226,7 @@ def load_model(ckpt_path, device):
         backbone.load_state_dict(common.backbone_weights(ckpt))
         return backbone.to(device).eval(), ckpt
     seg = ckpt["segmentation"]
-    model = SegmentationModel(backbone, seg["decoder"], seg["num_classes"], seg["levels"])
+    model = SegmentationModel(backbone, seg["decoder"], seg["num_classes"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -264,7 +264,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
     p.add_argument("--split", default="test", help="WHU-OHS: val | ts (test); scenes: test | train of the run's saved split")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--window", type=int, default=None, help="sliding window (default: the training tile size)")
+    p.add_argument("--window", type=int, default=None, help="sliding window (default: the training tile size); "
+                   "e.g. 512 for whole WHU-OHS tiles")
     p.add_argument("--overlap", type=int, default=None, help="window overlap in px (default: window / 4)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="default: <checkpoint dir>/eval-<split>")
@@ -282,8 +283,12 @@ def main(argv=None):
     dtype = common.resolve_dtype(args.dtype, device)
     model, ckpt = load_model(args.ckpt, device)
     ds, label_mask = load_eval_data(args, ckpt)
+    if ckpt.get("segmentation", {}).get("pca"):  # trained on principal components: project the same way
+        ds.pca = np.asarray(ckpt["segmentation"]["pca"], np.float32)
     check_data(ckpt, args.ckpt, ds)
-    window = args.window or ckpt["backbone"].get("img_size", 64)
+    # Default window = the fine-tuning tile size; any multiple of the patch size works (e.g. whole 512 px
+    # WHU-OHS tiles with a 64 px backbone: its position embeddings are interpolated).
+    window = args.window or ckpt["args"].get("img_size") or ckpt["backbone"].get("img_size", 64)
     overlap = window // 4 if args.overlap is None else args.overlap
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval-{args.split}")
     os.makedirs(out, exist_ok=True)

@@ -20,7 +20,7 @@ import common
 import data
 from data import IGNORE_INDEX
 from eval import colorize, evaluate, format_table
-from models import SegmentationModel, build_backbone
+from models import SegmentationModel, build_backbone, layer_ids
 
 
 def parse_args(argv=None):
@@ -35,7 +35,16 @@ def parse_args(argv=None):
     p.add_argument("--spectral-patch", type=int, default=None, help="ssvit/sst: bands per spectral token")
     p.add_argument("--registers", type=int, default=None, help="default: vit 0, ssvit 4 per stream")
     p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
-    p.add_argument("--decoder", default="linear", help="linear: multiscale linear head on the last 4 blocks")
+    p.add_argument("--decoder", default="linear", choices=["linear", "conv", "segmenter", "deeplabv3plus"],
+                   help="linear: multiscale linear head on the last 4 blocks; conv: UNet-like on 4 blocks; segmenter: "
+                   "mask transformer; deeplabv3plus: with --backbone resnet50v1c (the CNN baseline)")
+    p.add_argument("--aux-weight", type=float, default=0.4, help="DeepLabV3+ auxiliary FCN head loss weight")
+    p.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay for transformer backbones "
+                   "with --finetune (block i gets lr x decay^(depth + 1 - i)); 0.65-0.75 is usual for ViT-B")
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth of the backbone (default: the "
+                   "pre-training checkpoint's, else 0)")
+    p.add_argument("--pca", type=int, default=None, help="train on the first K principal components of the bands "
+                   "(fitted on training pixels only) instead of the raw bands, e.g. 3")
     p.add_argument("--finetune", action="store_true", help="train the backbone too (default: frozen)")
     p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="backbone lr = lr x this, with --finetune")
     p.add_argument("--labels-per-class", type=int, default=None, help="scenes: N labelled training pixels per class")
@@ -59,19 +68,23 @@ def parse_args(argv=None):
 
 
 def build_model(args, ds):
+    transformer = args.backbone not in ("pixel", "resnet50v1c")
     if args.init:
         ckpt = common.load_checkpoint(args.init)
         config = ckpt["backbone"]
         common.check_bands(config, ds.bands, args.init, ds.name)
+        if args.drop_path is not None:
+            config = {**config, "drop_path_rate": args.drop_path}
         backbone = build_backbone(**config)
         backbone.load_state_dict(common.backbone_weights(ckpt))
         common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
     else:
         backbone = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
-                                  **({} if args.backbone == "pixel" else
-                                     {"num_registers": args.registers, "ffn": args.ffn,
-                                      "spectral_patch": args.spectral_patch, "wavelengths": ds.wavelengths}))
-    return SegmentationModel(backbone, args.decoder, ds.num_classes, levels=4, frozen_backbone=not args.finetune)
+                                  **({} if not transformer else
+                                     {"num_registers": args.registers, "ffn": args.ffn, "drop_path_rate": args.drop_path,
+                                      "spectral_patch": args.spectral_patch,
+                                      "wavelengths": None if args.pca else ds.wavelengths}))
+    return SegmentationModel(backbone, args.decoder, ds.num_classes, frozen_backbone=not args.finetune)
 
 
 def splits(args, ds, out, resume):
@@ -92,6 +105,28 @@ def splits(args, ds, out, resume):
     return data.with_labels(ds, train), ds, test
 
 
+def param_groups(args, model):
+    """Decoder at lr; backbone at lr x --backbone-lr-scale, and with --layer-decay each transformer
+    layer at a further decay^(depth + 1 - layer)."""
+    groups = common.decay_groups(model.decoder, args.weight_decay)
+    if args.layer_decay == 1.0 or not hasattr(model.backbone, "streams") or not model.backbone.streams:
+        return groups + common.decay_groups(model.backbone, args.weight_decay, args.backbone_lr_scale)
+    ids, top = layer_ids(model.backbone)
+    for layer in range(top + 1):
+        params = [p for n, p in model.backbone.named_parameters() if ids[n] == layer]
+        groups += common.decay_groups(params, args.weight_decay, args.backbone_lr_scale * args.layer_decay ** (top - layer))
+    return groups
+
+
+def add_pca(args, train_ds, eval_ds, train_mask):
+    """Fit the band PCA on the training pixels and apply it to both datasets; returns the projection."""
+    projection, explained = data.fit_pca(train_ds, args.pca, train_mask, seed=args.split_seed)
+    train_ds.pca = eval_ds.pca = projection
+    common.print0(f"PCA: {train_ds.raw_bands} bands -> {args.pca} components explaining "
+                  f"{100 * explained.sum():.1f}% of the variance of the training pixels")
+    return projection
+
+
 def class_weights(ds, mode):
     if mode == "none":
         return None
@@ -103,8 +138,14 @@ def class_weights(ds, mode):
     return torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
 
 
-def segmentation_loss(logits, target, weight=None, focal_gamma=None):
-    """Cross-entropy over labelled pixels (IGNORE_INDEX skipped); focal loss when focal_gamma is set."""
+def segmentation_loss(logits, target, weight=None, focal_gamma=None, aux_weight=0.4):
+    """Cross-entropy over labelled pixels (IGNORE_INDEX skipped); focal loss when focal_gamma is set.
+    logits may be (main, auxiliary) (DeepLabV3+ in training): main + aux_weight * auxiliary loss."""
+    if isinstance(logits, tuple):
+        main, aux = logits
+        return (segmentation_loss(main, target, weight, focal_gamma)
+                + aux_weight * segmentation_loss(aux, target, weight, focal_gamma))
+    logits = logits.float()
     if focal_gamma is None:
         return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX)
     logp = F.log_softmax(logits, dim=1)
@@ -140,12 +181,15 @@ def train(args, rank, world, device):
     if len(datasets) != 1 or datasets[0].num_classes == 0:
         raise data.DataError(f"{args.data}: finetune_seg.py needs exactly one labelled dataset")
     train_ds, eval_ds, eval_mask = splits(args, datasets[0], args.out, args.resume)
+    pca = add_pca(args, train_ds, eval_ds, train_ds.rasters[0].label > 0 if eval_mask is not None else None) \
+        if args.pca else None
     model = build_model(args, train_ds).to(device)
+    channels_last = device.type == "cuda" and args.backbone == "resnet50v1c"  # faster cuDNN convolutions
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     weight = class_weights(train_ds, args.class_weights)
     weight = None if weight is None else weight.to(device)
-    groups = (common.decay_groups(model.decoder, args.weight_decay)
-              + common.decay_groups(model.backbone, args.weight_decay, args.backbone_lr_scale))
-    optimizer = common.adamw(groups, args.lr, (0.9, 0.999), device)
+    optimizer = common.adamw(param_groups(args, model), args.lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lr_schedule = common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps)
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
@@ -157,17 +201,20 @@ def train(args, rank, world, device):
     logger = common.Logger(args.out, args, start)
     meters, best_path = common.Meters(), os.path.join(args.out, "best.pt")
     best = common.load_checkpoint(best_path)["val"]["miou"] if args.resume and os.path.isfile(best_path) else -1.0
-    extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "levels": model.levels,
+    extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "blocks": model.blocks,
+                              "pca": None if pca is None else pca.tolist(),
                               "class_names": train_ds.class_names, "frozen_backbone": not args.finetune}}
     gamma = args.focal_gamma if args.loss == "focal" else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
         x, y, _ = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B, H, W)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         common.set_lr(optimizer, lr_schedule[step])
         with common.autocast(device, dtype):
             logits = ddp(x)
-        loss = segmentation_loss(logits.float(), y, weight, gamma)
+        loss = segmentation_loss(logits, y, weight, gamma, args.aux_weight)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

@@ -3,6 +3,9 @@
 Shapes: images are (B, C, H, W) with C spectral bands; tokens are (B, N, D).
 """
 
+import math
+import re
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -597,17 +600,18 @@ BACKBONES = {"vit": VisionTransformer, "ssvit": SpatialSpectralViT, "sst": Spect
 
 
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
-    """The one factory every script uses: vit | ssvit | sst at size tiny | small | base, or pixel.
+    """The one factory every script uses: vit | ssvit | sst at size tiny | small | base, pixel, or the
+    CNN baseline resnet50v1c (for `--decoder deeplabv3plus`).
     Options a backbone does not have must be None (so a script can pass e.g. `spectral_patch=None` to
     any backbone). The returned module carries `.config`, which checkpoints store and
     `build_backbone(**config)` rebuilds."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if name == "pixel":
-        model = PixelBackbone(in_chans)
+    if name in ("pixel", "resnet50v1c"):
+        model = PixelBackbone(in_chans) if name == "pixel" else ResNetV1c(in_chans)
         model.config = dict(name=name, in_chans=in_chans)
         return model
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}, pixel")
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}, pixel, resnet50v1c")
     if size not in VIT_SIZES:
         raise ValueError(f"unknown size {size!r}; available: {', '.join(VIT_SIZES)}")
     if name == "vit":
@@ -795,7 +799,7 @@ class MultiscaleLinearDecoder(nn.Module):
     """DINOv2's linear '+ms' head: patch features of several blocks resized to the finest grid,
     concatenated, BatchNorm, a 1x1 conv to class logits, bilinear upsampling to pixels."""
 
-    def __init__(self, in_dims, num_classes):
+    def __init__(self, in_dims, num_classes, stride=8):
         super().__init__()
         self.bn = nn.BatchNorm2d(sum(in_dims))
         self.classifier = nn.Conv2d(sum(in_dims), num_classes, 1)
@@ -814,21 +818,195 @@ class MultiscaleLinearDecoder(nn.Module):
         return logits
 
 
-DECODERS = {"linear": MultiscaleLinearDecoder}
+class ConvDecoder(nn.Module):
+    """UNet-like decoder (as in UNETR): the deepest of four encoder-block outputs is upsampled in stages,
+    each a 2x transposed conv followed by two 3x3 conv-BN-ReLU on the concatenation with the next
+    shallower block's output (itself brought to that resolution by transposed convs), down to the input
+    resolution; a 1x1 conv gives the class logits."""
+
+    def __init__(self, in_dims, num_classes, stride=8, width=256):
+        super().__init__()
+        stages = int(round(math.log2(stride)))
+        if 2 ** stages != stride or len(in_dims) < stages + 1 and stages:
+            raise ValueError(f"the conv decoder needs a power-of-two stride and {stages + 1} feature levels")
+        chans = [max(width >> i, 32) for i in range(stages + 1)]  # e.g. 256, 128, 64, 32
+        self.bottom = conv_bn_relu(in_dims[-1], chans[0], 3)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(chans[i], chans[i + 1], 2, stride=2) for i in range(stages))
+        # Skip i (shallower as i grows) is upsampled by i + 1 transposed convs to stage i's resolution.
+        self.skips = nn.ModuleList(
+            nn.Sequential(*[nn.ConvTranspose2d(in_dims[-2 - i] if j == 0 else chans[i + 1], chans[i + 1], 2, stride=2)
+                            for j in range(i + 1)]) for i in range(stages))
+        self.fuse = nn.ModuleList(nn.Sequential(conv_bn_relu(2 * chans[i + 1], chans[i + 1], 3),
+                                                conv_bn_relu(chans[i + 1], chans[i + 1], 3)) for i in range(stages))
+        self.classifier = nn.Conv2d(chans[-1], num_classes, 1)
+
+    def forward(self, features, out_size):
+        maps = [f for _, f in features]  # shallow -> deep, all (B, D, h, w)
+        x = self.bottom(maps[-1])
+        for i, (up, skip, fuse) in enumerate(zip(self.ups, self.skips, self.fuse)):
+            x = fuse(torch.cat([up(x), skip(maps[-2 - i])], dim=1))
+        return resize(self.classifier(x), out_size)
+
+
+class SegmenterDecoder(nn.Module):
+    """Segmenter's mask transformer (Strudel et al. 2021) on the last block's patch tokens: projected
+    patch tokens and one learned embedding per class go through transformer blocks together; patch and
+    class outputs are projected and L2-normalised, their dot products are the class masks (a per-patch
+    LayerNorm over classes, 'mask norm'), upsampled bilinearly."""
+
+    def __init__(self, in_dims, num_classes, stride=8, depth=2, head_dim=64):
+        super().__init__()
+        dim = in_dims[-1]
+        self.num_classes = num_classes
+        self.proj_dec = nn.Linear(dim, dim)
+        self.cls_emb = nn.Parameter(torch.randn(1, num_classes, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, max(1, dim // head_dim)) for _ in range(depth))  # 12 heads at 768
+        self.decoder_norm = nn.LayerNorm(dim)
+        self.proj_patch = nn.Parameter(dim ** -0.5 * torch.randn(dim, dim))
+        self.proj_classes = nn.Parameter(dim ** -0.5 * torch.randn(dim, dim))
+        self.mask_norm = nn.LayerNorm(num_classes)
+        for m in (self.proj_dec, self.blocks, self.decoder_norm):
+            m.apply(init_weights)
+
+    def forward(self, features, out_size):
+        f = features[-1][1]  # (B, D, h, w)
+        B, D, h, w = f.shape
+        t = torch.cat([self.proj_dec(f.flatten(2).transpose(1, 2)), self.cls_emb.expand(B, -1, -1)], dim=1)
+        for blk in self.blocks:
+            t = blk(t)
+        t = self.decoder_norm(t)
+        patches = F.normalize(t[:, :-self.num_classes] @ self.proj_patch, dim=-1)
+        classes = F.normalize(t[:, -self.num_classes:] @ self.proj_classes, dim=-1)
+        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, N, K)
+        return resize(masks.transpose(1, 2).reshape(B, self.num_classes, h, w), out_size)
+
+
+def conv_bn_relu(cin, cout, k, dilation=1, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation, groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def resize(x, size):
+    return x if x.shape[-2:] == tuple(size) else F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- CNN baseline
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride=1, dilation=1):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = conv_bn_relu(cin, width, 1)
+        self.conv2 = conv_bn_relu(width, width, 3, dilation, stride)  # V1b/c: the stride sits in the 3x3
+        self.conv3 = nn.Sequential(nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        nn.init.zeros_(self.conv3[1].weight)  # each residual block starts as the identity
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        return F.relu(self.conv3(self.conv2(self.conv1(x))) + identity)
+
+
+class ResNetV1c(nn.Module):
+    """ResNet-50-V1c for C input bands: a deep stem of three 3x3 convs (C -> 32 -> 32 -> 64, the first
+    with stride 2) and max pooling, then 3/4/6/3 bottleneck blocks. Output stride 8: stages 3 and 4 keep
+    the resolution and dilate by 2 and 4 instead. Features: stage 1 (low level, stride 4), stage 3 (for
+    the auxiliary head) and stage 4, as (None, (B, C_i, h_i, w_i))."""
+
+    streams = ()
+    feature_stride = 8
+
+    def __init__(self, in_chans, depths=(3, 4, 6, 3)):
+        super().__init__()
+        self.in_chans = in_chans
+        self.stem = nn.Sequential(conv_bn_relu(in_chans, 32, 3, stride=2), conv_bn_relu(32, 32, 3),
+                                  conv_bn_relu(32, 64, 3), nn.MaxPool2d(3, 2, 1))
+        cin, stages = 64, []
+        for i, (n, width) in enumerate(zip(depths, (64, 128, 256, 512))):
+            stride, dilation = (1, 1) if i == 0 else (2, 1) if i == 1 else (1, 2 ** (i - 1))
+            blocks = []
+            for j in range(n):
+                blocks.append(Bottleneck(cin, width, stride if j == 0 else 1, dilation))
+                cin = width * Bottleneck.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def intermediate_layers(self, x, blocks=None):
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return [(None, outs[0]), (None, outs[2]), (None, outs[3])]
+
+    def feature_dims(self, levels=None):
+        return [256, 1024, 2048]
+
+
+class DeepLabV3PlusDecoder(nn.Module):
+    """DeepLabV3+ head on ResNet features (stage 1, stage 3, stage 4): ASPP on stage 4 (1x1, three
+    dilated 3x3 at rates 12/24/36 for output stride 8, image pooling) -> 1x1 projection; bilinear
+    upsampling to stride 4, concatenation with the 48-channel projection of the low-level features, two
+    3x3 convs, 1x1 classifier, bilinear upsampling. An FCN auxiliary head on stage 3 gives extra logits
+    during training (loss weight 0.4, in finetune_seg.py)."""
+
+    def __init__(self, in_dims, num_classes, stride=8, channels=512, rates=(12, 24, 36)):
+        super().__init__()
+        if len(in_dims) != 3:
+            raise ValueError("deeplabv3plus needs the ResNet backbone: --backbone resnet50v1c")
+        low, mid, high = in_dims
+        self.aspp = nn.ModuleList([conv_bn_relu(high, channels, 1)] + [conv_bn_relu(high, channels, 3, r) for r in rates])
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(high, channels, 1))
+        self.aspp_proj = conv_bn_relu(channels * (len(rates) + 2), channels, 1)
+        self.low_proj = conv_bn_relu(low, 48, 1)
+        self.fuse = nn.Sequential(conv_bn_relu(channels + 48, channels, 3), conv_bn_relu(channels, channels, 3))
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+        self.aux = nn.Sequential(conv_bn_relu(mid, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
+
+    def forward(self, features, out_size):
+        """-> logits (B, K, H, W); in training also the auxiliary logits: (logits, aux_logits)."""
+        (_, low), (_, mid), (_, high) = features
+        pooled = self.image_pool(high).expand(-1, -1, *high.shape[-2:])
+        x = self.aspp_proj(torch.cat([branch(high) for branch in self.aspp] + [pooled], dim=1))
+        x = self.fuse(torch.cat([resize(x, low.shape[-2:]), self.low_proj(low)], dim=1))
+        logits = resize(self.classifier(x), out_size)
+        if self.training:
+            return logits, resize(self.aux(mid), out_size)
+        return logits
+
+
+DECODERS = {"linear": MultiscaleLinearDecoder, "conv": ConvDecoder, "segmenter": SegmenterDecoder,
+            "deeplabv3plus": DeepLabV3PlusDecoder}
+
+
+def decoder_blocks(decoder, depth):
+    """Which encoder blocks a decoder reads: the last four (linear), four evenly spaced ones as skip
+    connections (conv), the last one (segmenter)."""
+    if decoder == "conv":
+        return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
+    return 1 if decoder == "segmenter" else 4
 
 
 class SegmentationModel(nn.Module):
-    """A backbone, the outputs of its last `levels` blocks, and a decoder. With `frozen_backbone` the
-    backbone runs without gradients in eval mode (a linear probe)."""
+    """A backbone, the outputs of the encoder blocks its decoder reads, and the decoder. With
+    `frozen_backbone` the backbone runs without gradients in eval mode (a linear probe)."""
 
-    def __init__(self, backbone, decoder, num_classes, levels=4, frozen_backbone=True):
+    def __init__(self, backbone, decoder, num_classes, frozen_backbone=True):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; available: {', '.join(DECODERS)}")
         self.backbone, self.frozen_backbone = backbone, frozen_backbone
-        dims = backbone.feature_dims(levels)
-        self.levels = len(dims)
-        self.decoder = DECODERS[decoder](dims, num_classes)
+        self.blocks = decoder_blocks(decoder, backbone_depth(backbone))
+        dims = backbone.feature_dims(self.blocks if isinstance(self.blocks, int) else len(self.blocks))
+        stride = getattr(backbone, "feature_stride", getattr(backbone, "patch_size", 1))
+        self.decoder = DECODERS[decoder](dims, num_classes, stride)
         self.backbone.requires_grad_(not frozen_backbone)
         for name, p in backbone.named_parameters():
             if name.endswith("mask_token"):
@@ -841,7 +1019,30 @@ class SegmentationModel(nn.Module):
         return self
 
     def forward(self, x):
-        """(B, C, H, W) -> logits (B, K, H, W)."""
+        """(B, C, H, W) -> logits (B, K, H, W) (in training, DeepLabV3+ also returns its auxiliary logits)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
-            features = self.backbone.intermediate_layers(x, self.levels)
+            features = self.backbone.intermediate_layers(x, self.blocks)
         return self.decoder(features, x.shape[-2:])
+
+
+def backbone_depth(backbone):
+    blocks = getattr(backbone, "blocks", None) or getattr(getattr(backbone, "spatial", None), "blocks", None)
+    return len(blocks) if blocks is not None else 1
+
+
+def layer_ids(backbone):
+    """{parameter name: layer} for layer-wise lr decay: 0 = embeddings and tokens, i + 1 = block i (a
+    fusion block counts with the block it follows), depth + 1 = the final norm; and depth + 1."""
+    depth, fuse_after = backbone_depth(backbone), getattr(backbone, "fuse_after", [])
+    ids = {}
+    for name, _ in backbone.named_parameters():
+        block, fusion = re.search(r"blocks\.(\d+)\.", name), re.match(r"fusions\.(\d+)\.", name)
+        if block:
+            ids[name] = int(block.group(1)) + 1
+        elif fusion:
+            ids[name] = fuse_after[int(fusion.group(1))] + 1
+        elif re.match(r"(spatial\.|spectral\.)?norm\.", name):
+            ids[name] = depth + 1
+        else:
+            ids[name] = 0
+    return ids, depth + 1
