@@ -297,6 +297,48 @@ def params_finite(model):
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
+# ----------------------------------------------------------------------------- speed
+
+GPU_PEAK_TFLOPS = {  # dense tensor-core peaks from the vendors' data sheets: (bf16/fp16, tf32)
+    "H200": (989.4, 494.7), "H100 PCIe": (756.0, 378.0), "H100": (989.4, 494.7), "A100": (312.0, 156.0),
+    "L40S": (362.1, 181.0), "L4": (121.0, 60.0), "A10": (125.0, 62.5), "RTX 4090": (165.2, 82.6),
+    "V100": (125.0, 15.7),
+}
+
+
+def matmul_tflops(dtype, device=torch.device("cpu"), n=2048, seconds=1.0):
+    """Measured rate of an n x n matmul in `dtype` on this device: the CPU's practical peak."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def counted_flops(fn):
+    """FLOPs torch.utils.flop_counter sees while fn() runs, leaving every RNG stream untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_tflops(device, dtype):
+    """(peak TFLOP/s for MFU, where it comes from): a GPU's data-sheet peak, or on CPU the matmul rate
+    measured now in that dtype."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return (tf32 if dtype == torch.float32 else half), f"{key} data sheet"
+        return None, f"unknown GPU {name}"
+    return matmul_tflops(dtype), "measured CPU matmul"
+
+
 # ----------------------------------------------------------------------------- logging
 
 def git_sha():
@@ -310,8 +352,9 @@ def git_sha():
 class Logger:
     """TensorBoard + metrics.jsonl on rank 0; a no-op elsewhere. Images are (3, H, W) floats in [0, 1]."""
 
-    def __init__(self, out, args, start_step=0):
-        self.enabled = is_main()
+    def __init__(self, out, args, start_step=0, flops_per_image=None, peak=None):
+        """With the training FLOPs per image and the peak TFLOP/s, every img/s comes with tflops and mfu."""
+        self.enabled, self.flops, self.peak = is_main(), flops_per_image, peak
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(out, "tb"))
@@ -325,6 +368,10 @@ class Logger:
         now = time.time()
         if images and step > self.last_step:
             values = {**values, "img_per_s": (step - self.last_step) * images / (now - self.t0)}
+            if self.flops:
+                values["tflops"] = values["img_per_s"] * self.flops / 1e12 / (dist.get_world_size() if dist.is_initialized() else 1)
+                if self.peak:
+                    values["mfu"] = values["tflops"] / self.peak
         self.t0, self.last_step = now, step
         if not self.enabled:
             return

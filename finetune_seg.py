@@ -8,6 +8,7 @@ Scenes: trains on a seeded sparse-label split (saved as <out>/split.npz) and rep
 WHU-OHS: trains on `tr`, evaluates on `val` and keeps the best checkpoint as <out>/best.pt.
 """
 import argparse
+import copy
 import os
 
 import numpy as np
@@ -155,6 +156,15 @@ def segmentation_loss(logits, target, weight=None, focal_gamma=None, aux_weight=
     return ((1 - p_true) ** focal_gamma * ce).sum() / valid
 
 
+def train_flops(model, weight, gamma, args, device):
+    """Training FLOPs per image, counted by torch.utils.flop_counter on one step of a copy of the model
+    (decoders and the CNN make an architecture formula long; the copy keeps BatchNorm statistics)."""
+    copy_ = copy.deepcopy(model).train()
+    x = torch.zeros(2, model.backbone.in_chans, args.img_size, args.img_size, device=device)
+    y = torch.zeros(2, args.img_size, args.img_size, dtype=torch.long, device=device)
+    return common.counted_flops(lambda: segmentation_loss(copy_(x), y, weight, gamma).backward()) / 2
+
+
 def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
     """Evaluate (every rank, so all agree without a broadcast) and log metrics and the first map."""
     pictures = []
@@ -198,13 +208,16 @@ def train(args, rank, world, device):
     ddp = DistributedDataParallel(model) if world > 1 else model
     tiles = data.RandomTiles([train_ds], args.img_size, args.seed, data.Augment(flips=args.flips), min_labelled=1)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
-    logger = common.Logger(args.out, args, start)
+    gamma = args.focal_gamma if args.loss == "focal" else None
+    peak, source = common.peak_tflops(device, dtype)
+    flops = train_flops(model, weight, gamma, args, device)
+    common.print0(f"{flops / 1e9:.2f} GFLOP per image (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
+    logger = common.Logger(args.out, args, start, flops, peak)
     meters, best_path = common.Meters(), os.path.join(args.out, "best.pt")
     best = common.load_checkpoint(best_path)["val"]["miou"] if args.resume and os.path.isfile(best_path) else -1.0
     extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "blocks": model.blocks,
                               "pca": None if pca is None else pca.tolist(),
                               "class_names": train_ds.class_names, "frozen_backbone": not args.finetune}}
-    gamma = args.focal_gamma if args.loss == "focal" else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
         x, y, _ = next(batches)
@@ -225,7 +238,7 @@ def train(args, rank, world, device):
         if save or done % args.log_every == 0:
             stats = {**meters.flush(done, ckpt_path), "lr": float(lr_schedule[step])}
             logger.scalars(done, stats, images=args.batch_size * world)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", mfu=f"{stats.get('mfu', 0):.1%}")
         if done % args.eval_every == 0 or done == args.steps:
             metrics = log_evaluation(logger, model, eval_ds, eval_mask, args, device, dtype, done)
             common.print0(f"\nstep {done} {'held-out pixels' if eval_mask is not None else 'val'}:\n"

@@ -72,6 +72,18 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
+def linear_flops(layer, n):
+    """Forward FLOPs (2 x multiply-adds) of an nn.Linear applied to n vectors."""
+    return 2 * n * layer.in_features * layer.out_features
+
+
+def block_flops(block, n):
+    """Forward FLOPs of a transformer block on n tokens, counted from its layers: qkv, the two attention
+    matmuls (4 n^2 D), output projection, FFN. Norms and activations are not matmuls and not counted."""
+    linears = [block.attn.qkv, block.attn.proj, *(m for m in block.mlp.modules() if isinstance(m, nn.Linear))]
+    return sum(linear_flops(layer, n) for layer in linears) + 4 * n * n * block.attn.qkv.in_features
+
+
 # ----------------------------------------------------------------------------- transformer blocks
 
 class Attention(nn.Module):
@@ -192,6 +204,14 @@ class TokenEncoder(nn.Module):
         for blk in self.blocks:
             t = blk(t)
         return self.norm(t)
+
+    def flops(self, pieces):
+        """Forward FLOPs of embedding `pieces` pieces and running the blocks on them + prefix tokens."""
+        n = self.num_prefix + pieces
+        return self.embed_flops(pieces) + sum(block_flops(b, n) for b in self.blocks)
+
+    def embed_flops(self, pieces):
+        return linear_flops(self.patch_embed, pieces)
 
     def last_attention(self, t):
         """Tokens entering the blocks -> the last block's attention (B, heads, N, N)."""
@@ -378,6 +398,16 @@ class SpatialSpectralViT(nn.Module):
     def grid_size(self, x):
         return self.spatial.grid_size(x)
 
+    def flops(self, patches, groups):
+        """Forward FLOPs with `patches` spatial and `groups` spectral pieces kept."""
+        P = self.num_prefix
+        fusion = sum(linear_flops(f.to_spatial, P + patches) + linear_flops(f.to_spectral, P + groups)
+                     for f in self.fusions)
+        return self.spatial.flops(patches) + self.spectral.flops(groups) + fusion
+
+    def embed_flops(self, patches, groups):
+        return self.spatial.embed_flops(patches) + self.spectral.embed_flops(groups)
+
     def pieces(self, x):
         return [patchify(x, self.patch_size), self.spectral.pieces(x)]
 
@@ -526,6 +556,17 @@ class SpectralSpatialTransformer(nn.Module):
 
     grid_size = VisionTransformer.grid_size
     interpolate_pos_embed = VisionTransformer.interpolate_pos_embed
+
+    def flops(self, patches):
+        """Forward FLOPs on `patches` spatial positions: S sequences of them per spatial block, `patches`
+        sequences of S per spectral block."""
+        S = self.num_blocks
+        seq = {"spatial": (S, patches), "spectral": (patches, S)}
+        return self.embed_flops(patches) + sum(seq[b.axis][0] * block_flops(b.block, seq[b.axis][1])
+                                               for b in self.blocks)
+
+    def embed_flops(self, patches):
+        return 2 * self.num_blocks * patches * self.embed_weight.shape[1] * self.embed_dim
 
     def pieces(self, x):
         """(B, C, H, W) -> (B, S, N, spectral_patch*p*p) token cubes."""
@@ -680,6 +721,20 @@ class MAE(nn.Module):
     def mask_ratio(self):
         return self.ratios[0]
 
+    def flops_per_image(self):
+        """Training FLOPs per image (forward + backward = 3 x forward, less the input gradient the first
+        layer never needs): the encoder on the kept pieces only, each decoder on all its pieces, the
+        prediction layer on the dropped ones."""
+        h, w = self.encoder.grid
+        counts = [h * w, getattr(getattr(self.encoder, "spectral", None), "num_groups", 0)][:len(self.ratios)]
+        kept = [max(1, int(round(n * (1 - r)))) for n, r in zip(counts, self.ratios)]
+        total = self.encoder.flops(*kept)
+        for d, n, k in zip(self.decoders, counts, kept):
+            P = d.num_prefix
+            total += linear_flops(d.decoder_embed, P + k) + sum(block_flops(b, P + n) for b in d.decoder_blocks)
+            total += linear_flops(d.decoder_pred, n - k)
+        return 3 * total - self.encoder.embed_flops(*kept)
+
     def random_masking(self, B, N, device, ratio=None):
         """Per-sample random permutation: ids_keep (B, K) visible and ids_masked (B, N-K) masked pieces,
         ids_restore (B, N) undoing the shuffle."""
@@ -740,6 +795,12 @@ class SimMIM(nn.Module):
         self.pred_weight = nn.Parameter(torch.empty(S, D, piece))
         self.pred_bias = nn.Parameter(torch.zeros(S, piece))
         nn.init.trunc_normal_(self.pred_weight, std=0.02)
+
+    def flops_per_image(self):
+        """Training FLOPs per image: the encoder on every token, the per-block pixel heads on all tokens."""
+        h, w = self.encoder.grid
+        S, D, piece = self.pred_weight.shape
+        return 3 * (self.encoder.flops(h * w) + 2 * S * h * w * D * piece) - self.encoder.embed_flops(h * w)
 
     def tube_mask(self, B, N, device):
         """(B, N) boolean, exactly round(ratio * N) True per row, chosen uniformly."""

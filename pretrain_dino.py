@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import common
 import data
-from models import DINOHead, build_backbone
+from models import DINOHead, build_backbone, linear_flops
 
 
 def parse_args(argv=None):
@@ -239,6 +239,23 @@ def build(args, in_chans, wavelengths=None):
     return student, teacher.eval()  # eval: the teacher has no stochastic depth
 
 
+def flops_per_tile(args, student):
+    """Training FLOPs per tile, from the architecture: forward + backward (3 x forward) of the student on
+    2 global and --local-crops local crops with its heads, and the teacher's forward on the 2 global
+    crops; iBOT heads on the expected number of masked tokens."""
+    bb, head = student.backbone, student.dino_heads[0]
+    head_flops = sum(linear_flops(m, 1) for m in head.mlp if isinstance(m, nn.Linear)) + 2 * head.prototypes.numel()
+    spectral = [bb.spectral.num_groups] if len(bb.streams) == 2 else []
+    encode = lambda px: bb.flops((px // args.patch_size) ** 2, *spectral)  # noqa: E731
+    tokens = [(args.img_size // args.patch_size) ** 2, *spectral]
+    masked = args.mask_probability * sum(args.mask_ratio) / 2 * sum(tokens)  # per global crop
+    streams, crops = len(bb.streams), 2 + args.local_crops
+    student_flops = 2 * encode(args.img_size) + args.local_crops * encode(args.local_size) \
+        + (crops * streams + 2 * masked) * head_flops
+    teacher_flops = 2 * encode(args.img_size) + (2 * streams + 2 * masked) * head_flops
+    return 3 * student_flops + teacher_flops
+
+
 @torch.no_grad()
 def teacher_forward(teacher, global_crops, masks):
     """Per stream: DINO logits of the CLS tokens and iBOT logits of the tokens the student has masked."""
@@ -298,7 +315,10 @@ def train(args, rank, world, device):
     crops = data.MultiCrop(args.img_size, args.local_size, args.local_crops)
     tiles = data.RandomTiles(datasets, args.img_size, args.seed, crops)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
-    logger = common.Logger(args.out, args, start)
+    peak, source = common.peak_tflops(device, dtype)
+    flops = flops_per_tile(args, student)
+    common.print0(f"{flops / 1e9:.2f} GFLOP per tile (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
+    logger = common.Logger(args.out, args, start, flops, peak)
     meters = common.Meters()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
@@ -329,7 +349,7 @@ def train(args, rank, world, device):
             stats = {**meters.flush(done, ckpt_path), **{k: float(v[step]) for k, v in sched.items()}}
             logger.scalars(done, stats, images=args.batch_size * world)
             std = min(v for k, v in stats.items() if k.endswith("cls_std"))
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", std=f"{std:.3f}")
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", std=f"{std:.3f}", mfu=f"{stats.get('mfu', 0):.1%}")
         if save:
             common.save_checkpoint(ckpt_path, done, args, student.backbone.config, ("teacher", "backbone."), **state)
     logger.close()

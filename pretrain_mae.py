@@ -104,7 +104,10 @@ def train(args, rank, world, device):
     tiles = data.RandomTiles(datasets, args.img_size, args.seed, augment)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
     bands = args.rgb_bands or data.display_bands(datasets[0])
-    logger = common.Logger(args.out, args, start)
+    peak, source = common.peak_tflops(device, dtype)
+    flops = model.flops_per_image()
+    common.print0(f"{flops / 1e9:.2f} GFLOP per image (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
+    logger = common.Logger(args.out, args, start, flops, peak)
     meters = common.Meters()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
@@ -125,7 +128,7 @@ def train(args, rank, world, device):
         if save or done % args.log_every == 0:  # the only host syncs: every log interval
             stats = {**meters.flush(done, ckpt_path), "lr": float(lr_schedule[step])}
             logger.scalars(done, stats, images=args.batch_size * world)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.1e}")
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.1e}", mfu=f"{stats.get('mfu', 0):.1%}")
         if done % args.image_every == 0 and common.is_main():
             log_reconstructions(logger, model, x, outputs, bands, done)
         if save:
