@@ -253,7 +253,9 @@ def flops_per_tile(args, student):
     student_flops = 2 * encode(args.img_size) + args.local_crops * encode(args.local_size) \
         + (crops * streams + 2 * masked) * head_flops
     teacher_flops = 2 * encode(args.img_size) + (2 * streams + 2 * masked) * head_flops
-    return 3 * student_flops + teacher_flops
+    embed = 2 * bb.embed_flops(tokens[0], *spectral) + args.local_crops * bb.embed_flops(
+        (args.local_size // args.patch_size) ** 2, *spectral)  # no input gradient for the first layer
+    return 3 * student_flops + teacher_flops - embed
 
 
 @torch.no_grad()

@@ -1,0 +1,177 @@
+"""Speed of each trainer's step on synthetic tensors of the real shapes, against the hardware's limit.
+
+    python bench.py --size tiny                                # mae, dino, seg x vit, ssvit, sst
+    python bench.py --size base --dtype bf16 --compile --trainers mae --backbones vit
+    python bench.py --loader --data /data/WHU-OHS              # tiles/s of the real input pipeline
+
+Per row: img/s, ms/step, training FLOPs per image from the architecture (the MAE encoder on visible
+tokens only, the DINO teacher forward-only) and as torch.utils.flop_counter counts them, achieved TFLOP/s,
+MFU against the device's peak (GPU data sheets; on CPU the fp32 and bf16 matmul rates measured in this
+run), and peak memory. Prints one markdown table.
+"""
+import argparse
+import resource
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import common
+import data
+import finetune_seg
+import pretrain_dino
+import pretrain_mae
+from models import SegmentationModel, build_backbone
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trainers", default="mae,dino,seg", help="comma list of mae, dino, seg")
+    p.add_argument("--backbones", default="vit,ssvit,sst", help="comma list; sst runs SimMIM under 'mae' and no DINO")
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--bands", type=int, default=32, help="WHU-OHS: 32")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the study's (MAE 128, DINO ViT 128, "
+                   "DINO SS-ViT 64, seg 32) on GPU, 16 on CPU")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--loader", action="store_true", help="measure the data pipeline instead (needs --data)")
+    p.add_argument("--data", default="data/indian_pines")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    return p.parse_args(argv)
+
+
+def wavelengths(args):
+    return data.WHU_WAVELENGTHS if args.bands == len(data.WHU_WAVELENGTHS) else None
+
+
+STUDY_BATCH = {("mae", "vit"): 128, ("mae", "ssvit"): 64, ("mae", "sst"): 64, ("dino", "vit"): 128,
+               ("dino", "ssvit"): 64, ("seg", "vit"): 32, ("seg", "ssvit"): 32, ("seg", "sst"): 32}
+
+
+
+def mae_case(args, backbone, B, device):
+    targs = pretrain_mae.parse_args(["--backbone", backbone, "--size", args.size])
+    model = pretrain_mae.build_model(targs, SimpleNamespace(bands=args.bands, wavelengths=wavelengths(args))).to(device)
+    x = torch.randn(B, args.bands, 64, 64, device=device)
+    return model, model.parameters(), lambda m: m(x)[0], model.flops_per_image()
+
+
+def dino_case(args, backbone, B, device):
+    targs = pretrain_dino.parse_args(["--backbone", backbone, "--size", args.size, "--prototypes",
+                                      "65536" if args.size == "base" else "1024", "--local-crops", "8"])
+    student, teacher = (m.to(device) for m in pretrain_dino.build(targs, args.bands, wavelengths(args)))
+    criterion = pretrain_dino.DINOLoss(targs, targs.prototypes, student.backbone.streams).to(device)
+    g = torch.randn(2 * B, args.bands, 64, 64, device=device)
+    loc = torch.randn(8 * B, args.bands, 32, 32, device=device)
+    masks = [m.to(device) for m in pretrain_dino.batch_masks(targs, 0, 0, B, student.backbone)]
+
+    def loss(m):  # the EMA update is part of the step
+        with torch.no_grad():
+            pretrain_dino.ema_update(teacher, student, 0.999)
+        return criterion(m(g, loc, masks), pretrain_dino.teacher_forward(teacher, g, masks), masks, 0.07)[0]
+    return student, student.parameters(), loss, pretrain_dino.flops_per_tile(targs, student)
+
+
+def seg_case(args, backbone, B, device):
+    kw = {"wavelengths": wavelengths(args)} if backbone in ("ssvit", "sst") else {}
+    model = SegmentationModel(build_backbone(backbone, args.size, args.bands, **kw), "linear", 24,
+                              frozen_backbone=False).to(device)
+    x = torch.randn(B, args.bands, 64, 64, device=device)
+    y = torch.randint(0, 24, (B, 64, 64), device=device)
+    targs = finetune_seg.parse_args(["--img-size", "64"])
+    flops = finetune_seg.train_flops(model, None, None, targs, device)
+    return model, model.parameters(), lambda m: finetune_seg.segmentation_loss(m(x), y), flops
+
+
+CASES = {"mae": mae_case, "dino": dino_case, "seg": seg_case}
+
+
+def counted(model, loss_fn, B):
+    """torch.utils.flop_counter's FLOPs of one forward + backward, per image."""
+    def step():
+        loss_fn(model).backward()
+    flops = common.counted_flops(step) / B
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
+def run(args, trainer, backbone, device, dtype):
+    B = args.batch_size or (STUDY_BATCH.get((trainer, backbone), 32) if device.type == "cuda" else 16)
+    torch.manual_seed(0)
+    model, params, loss_fn, arch_flops = CASES[trainer](args, backbone, B, device)
+    counter_flops = counted(model, loss_fn, B) if trainer != "seg" else arch_flops
+    optimizer = common.adamw(common.decay_groups(params, 0.05), 1e-4, device=device)
+    fwd = torch.compile(model) if args.compile else model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        with common.autocast(device, dtype):
+            loss = loss_fn(fwd)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process high-water mark, GiB
+    return dict(batch=B, img_s=B / dt, ms=1e3 * dt, arch=arch_flops / 1e9, counted=counter_flops / 1e9,
+                tflops=B / dt * arch_flops / 1e12, mem=mem)
+
+
+def bench_models(args):
+    _, _, device = common.init_distributed(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
+    if device.type == "cuda":
+        peak, source = common.peak_tflops(device, dtype)
+        peaks = f"peak {peak} TFLOP/s ({source})"
+    else:  # both rates, so the table shows what bf16 would buy on this CPU
+        rates = {n: common.matmul_tflops(t) for n, t in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        peak = rates["bf16" if dtype == torch.bfloat16 else "fp32"]
+        peaks = f"measured matmul fp32 {rates['fp32']:.3f} / bf16 {rates['bf16']:.3f} TFLOP/s"
+    print(f"{device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | {dtype} | "
+          f"compile {args.compile} | size {args.size} | {args.bands} bands, 64 px | {peaks}")
+    print("| trainer | backbone | batch | img/s | ms/step | GFLOP/img (arch) | GFLOP/img (counter) | TFLOP/s | MFU | peak mem GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for trainer in args.trainers.split(","):
+        for backbone in args.backbones.split(","):
+            if trainer == "dino" and backbone == "sst":
+                continue
+            r = run(args, trainer, backbone, device, dtype)
+            print(f"| {trainer} | {backbone} | {r['batch']} | {r['img_s']:.1f} | {r['ms']:.0f} | {r['arch']:.2f} | "
+                  f"{r['counted']:.2f} | {r['tflops']:.3f} | {r['tflops'] / peak:.1%} | {r['mem']:.2f} |", flush=True)
+
+
+def bench_loader(args):
+    """Tiles/s of RandomTiles + step_loader with the trainers' augmentations, per worker count."""
+    datasets = data.load_datasets(args.data)
+    views = {"cut only": None, "MAE augment": data.Augment(True, (0.2, 1.0)), "DINO multi-crop": data.MultiCrop(64, 32, 8)}
+    print(f"{args.data} | batch {args.batch_size or 32}")
+    print("| pipeline | workers | tiles/s |")
+    print("|---|---|---|")
+    for name, augment in views.items():
+        tiles = data.RandomTiles(datasets, 64, 0, augment)
+        for workers in args.workers:
+            loader = iter(data.step_loader(tiles, args.batch_size or 32, 0, 0, 1, workers, torch.device("cpu")))
+            next(loader)  # workers started
+            t0, n = time.perf_counter(), 0
+            for _ in range(args.steps * 4):
+                n += len(next(loader)[0])
+            print(f"| {name} | {workers} | {n / (time.perf_counter() - t0):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    a = parse_args()
+    np.set_printoptions(precision=3)
+    bench_loader(a) if a.loader else bench_models(a)
