@@ -67,7 +67,7 @@ def dino_case(args, backbone, B, device):
     criterion = pretrain_dino.DINOLoss(targs, targs.prototypes, student.backbone.streams).to(device)
     g = torch.randn(2 * B, args.bands, 64, 64, device=device)
     loc = torch.randn(8 * B, args.bands, 32, 32, device=device)
-    masks = [m.to(device) for m in pretrain_dino.batch_masks(targs, 0, 0, B, student.backbone)]
+    masks = pretrain_dino.token_masks(pretrain_dino.batch_masks(targs, 0, 0, B, student.backbone), device)
 
     def loss(m):  # the EMA update is part of the step
         with torch.no_grad():

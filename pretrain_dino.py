@@ -8,6 +8,7 @@ hyperspectral ViT, with HSI multi-crop.
 """
 import argparse
 import copy
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -144,21 +145,21 @@ class Student(nn.Module):
         self.ibot_heads = nn.ModuleList(ibot_heads) if ibot_heads else None
 
     def heads(self, tokens, masks):
-        """Per stream: tokens (n, prefix + N, D), masks (n, N) -> (CLS (n, D), DINO logits of the CLS
-        (n, K), iBOT logits of the masked tokens (M, K) or None)."""
+        """Per stream: tokens (n, prefix + N, D), a TokenMask or None -> (CLS (n, D), DINO logits of the
+        CLS (n, K), iBOT logits of the masked tokens (M, K) or None)."""
         out, P = [], self.backbone.num_prefix
         for s, (t, m) in enumerate(zip(tokens, masks)):
             ibot_head = (self.ibot_heads or self.dino_heads)[s]
-            ibot = ibot_head(t[:, P:][m]) if m is not None and m.any() else None
+            ibot = None if m is None else ibot_head(t[:, P:].flatten(0, 1).index_select(0, m.index))
             out.append((t[:, 0], self.dino_heads[s](t[:, 0]), ibot))
         return out
 
     def forward(self, global_crops, local_crops=None, masks=None):
-        """global_crops (2B, C, G, G), local_crops (nB, C, L, L), masks per stream (2B, N) -> per stream:
-        CLS features (2B, D), DINO logits of global (2B, K) and local (nB, K) CLS tokens, iBOT logits of
-        masked tokens (M, K)."""
+        """global_crops (2B, C, G, G), local_crops (nB, C, L, L), a TokenMask (or None) per stream ->
+        per stream: CLS features (2B, D), DINO logits of global (2B, K) and local (nB, K) CLS tokens,
+        iBOT logits of masked tokens (M, K)."""
         masks = masks or [None] * len(self.dino_heads)
-        out = self.heads(self.backbone.encode(global_crops, mask=masks), masks)
+        out = self.heads(self.backbone.encode(global_crops, mask=[m and m.bool for m in masks]), masks)
         local = [None] * len(out)
         if local_crops is not None and len(local_crops):
             local = [head(t[:, 0]) for head, t in zip(self.dino_heads, self.backbone.encode(local_crops))]
@@ -208,9 +209,8 @@ class DINOLoss(nn.Module):
             terms["dino_local"] = local / pairs
             loss = loss + terms["dino_local"]
         if s_ibot is not None and a.ibot_weight:
-            weight = (1 / masks.sum(1).clamp(min=1).float())[:, None].expand_as(masks)[masks]
             ce = cross_entropy(s_ibot, self.teacher_probs(t_ibot, teacher_temp, stream, "ibot"), a.student_temp)
-            terms["ibot"] = (ce * weight).sum() / masks.shape[0]
+            terms["ibot"] = (ce * masks.weight).sum() / masks.bool.shape[0]
             loss = loss + a.ibot_weight * terms["ibot"]
         if a.koleo_weight:
             terms["koleo"] = sum(koleo(c) for c in cls.chunk(2))
@@ -271,6 +271,28 @@ def ema_update(teacher, student, momentum):
     torch._foreach_add_(t, s, alpha=1 - momentum)
 
 
+class TokenMask(NamedTuple):
+    """One stream's iBOT mask, prepared on the CPU so the step never waits for the GPU (boolean indexing
+    and .any() on device tensors would): the (n, N) mask, the flat indices of its masked tokens (M,) and
+    their loss weights (M,), 1 / (masked tokens of that image)."""
+    bool: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+
+
+def token_masks(masks, device):
+    """CPU boolean masks per stream -> a TokenMask on `device` per stream, None where nothing is masked."""
+    out = []
+    for m in masks:
+        if not m.any():
+            out.append(None)
+            continue
+        weight = (1 / m.sum(1).clamp(min=1).float())[:, None].expand_as(m)[m]
+        out.append(TokenMask(m.to(device, non_blocking=True), m.flatten().nonzero().squeeze(1).to(device),
+                             weight.to(device)))
+    return out
+
+
 def batch_masks(args, step, rank, batch, backbone):
     """This rank's slice of the global batch's masks, per stream (2 crops * batch, N) crop-major: block
     masks over the spatial patches and, for the spatial-spectral ViT, random band-group masks over the
@@ -327,7 +349,7 @@ def train(args, rank, world, device):
         (g, loc), _, _ = next(batches)  # (B, 2, C, G, G), (B, n, C, L, L)
         g = g.transpose(0, 1).flatten(0, 1).to(device, non_blocking=True)  # crop-major (2B, C, G, G)
         loc = loc.transpose(0, 1).flatten(0, 1).to(device, non_blocking=True)
-        masks = [m.to(device) for m in batch_masks(args, step, rank, args.batch_size, student.backbone)]
+        masks = token_masks(batch_masks(args, step, rank, args.batch_size, student.backbone), device)
         common.set_lr(optimizer, sched["lr"][step])
         optimizer.param_groups[0]["weight_decay"] = sched["wd"][step]  # the decayed group
         temp = float(sched["teacher_temp"][step])

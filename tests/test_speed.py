@@ -30,7 +30,7 @@ def test_dino_flops_match_the_counter(backbone):
     criterion = pretrain_dino.DINOLoss(args, 256, student.backbone.streams)
     B = 4
     g, loc = torch.randn(2 * B, 8, 64, 64), torch.randn(2 * B, 8, 32, 32)
-    masks = pretrain_dino.batch_masks(args, 0, 0, B, student.backbone)
+    masks = pretrain_dino.token_masks(pretrain_dino.batch_masks(args, 0, 0, B, student.backbone), "cpu")
 
     def step():
         teacher_out = pretrain_dino.teacher_forward(teacher, g, masks)
