@@ -41,6 +41,8 @@ def add_run_args(parser, out):
                    help="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 4 on GPU, 0 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps on GPU after a "
+                   "compile warm-up of a minute or two")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100)
@@ -364,7 +366,8 @@ class Logger:
         self.t0, self.last_step = time.time(), start_step
 
     def scalars(self, step, values, images=None):
-        """Log values; with `images` (per step, all ranks) also img_per_s since the previous call."""
+        """Log values; with `images` (per step, all ranks) also img_per_s since the previous call (and
+        tflops, mfu). Returns what was logged."""
         now = time.time()
         if images and step > self.last_step:
             values = {**values, "img_per_s": (step - self.last_step) * images / (now - self.t0)}
@@ -374,11 +377,12 @@ class Logger:
                     values["mfu"] = values["tflops"] / self.peak
         self.t0, self.last_step = now, step
         if not self.enabled:
-            return
+            return values
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
+        return values
 
     def image(self, tag, img, step):
         if self.enabled:

@@ -206,6 +206,7 @@ def train(args, rank, world, device):
     backbone_config = model.backbone.config
     start = common.resume(ckpt_path, rank, backbone_config, **state) if args.resume else 0
     ddp = DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.compile(ddp) if args.compile else ddp
     tiles = data.RandomTiles([train_ds], args.img_size, args.seed, data.Augment(flips=args.flips), min_labelled=1)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
     gamma = args.focal_gamma if args.loss == "focal" else None
@@ -237,7 +238,7 @@ def train(args, rank, world, device):
         save = done % args.ckpt_every == 0 or done == args.steps
         if save or done % args.log_every == 0:
             stats = {**meters.flush(done, ckpt_path), "lr": float(lr_schedule[step])}
-            logger.scalars(done, stats, images=args.batch_size * world)
+            stats = logger.scalars(done, stats, images=args.batch_size * world)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", mfu=f"{stats.get('mfu', 0):.1%}")
         if done % args.eval_every == 0 or done == args.steps:
             metrics = log_evaluation(logger, model, eval_ds, eval_mask, args, device, dtype, done)

@@ -336,6 +336,7 @@ def train(args, rank, world, device):
     start = common.resume(ckpt_path, rank, student.backbone.config, **state) if args.resume else 0
     # A separate iBOT head sits idle in steps without masked images.
     ddp = DistributedDataParallel(student, find_unused_parameters=args.separate_ibot_head) if world > 1 else student
+    ddp = torch.compile(ddp) if args.compile else ddp
     crops = data.MultiCrop(args.img_size, args.local_size, args.local_crops)
     tiles = data.RandomTiles(datasets, args.img_size, args.seed, crops)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
@@ -371,7 +372,7 @@ def train(args, rank, world, device):
         save = done % args.ckpt_every == 0 or done == args.steps
         if save or done % args.log_every == 0:
             stats = {**meters.flush(done, ckpt_path), **{k: float(v[step]) for k, v in sched.items()}}
-            logger.scalars(done, stats, images=args.batch_size * world)
+            stats = logger.scalars(done, stats, images=args.batch_size * world)
             std = min(v for k, v in stats.items() if k.endswith("cls_std"))
             bar.set_postfix(loss=f"{stats['loss']:.3f}", std=f"{std:.3f}", mfu=f"{stats.get('mfu', 0):.1%}")
         if save:

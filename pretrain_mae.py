@@ -99,6 +99,7 @@ def train(args, rank, world, device):
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
     start = common.resume(ckpt_path, rank, model.encoder.config, **state) if args.resume else 0
     ddp = DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.compile(ddp) if args.compile else ddp
     augment = data.Augment(args.flips, None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale),
                            args.brightness, args.contrast, args.band_gain)
     tiles = data.RandomTiles(datasets, args.img_size, args.seed, augment)
@@ -127,7 +128,7 @@ def train(args, rank, world, device):
         save = done % args.ckpt_every == 0 or done == args.steps
         if save or done % args.log_every == 0:  # the only host syncs: every log interval
             stats = {**meters.flush(done, ckpt_path), "lr": float(lr_schedule[step])}
-            logger.scalars(done, stats, images=args.batch_size * world)
+            stats = logger.scalars(done, stats, images=args.batch_size * world)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.1e}", mfu=f"{stats.get('mfu', 0):.1%}")
         if done % args.image_every == 0 and common.is_main():
             log_reconstructions(logger, model, x, outputs, bands, done)
