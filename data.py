@@ -8,6 +8,7 @@ is uncompressed), so the hot loop only slices memory maps.
 import hashlib
 import json
 import logging
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -473,6 +474,29 @@ class Augment:
         if self.brightness or self.contrast or self.band_gain:
             img = spectral_jitter(img, rng, self.brightness, self.contrast, self.band_gain)
         return torch.from_numpy(normalize(img)), torch.from_numpy(lab)
+
+
+DIHEDRAL = torch.tensor([[[a, 0], [0, b]] for a in (1, -1) for b in (1, -1)]
+                        + [[[0, a], [b, 0]] for a in (1, -1) for b in (1, -1)], dtype=torch.float32)  # (8, 2, 2)
+
+
+def batch_augment(x, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flips=True):
+    """MAE's augmentation on the device, for when CPU workers cannot feed the GPU: per sample a random
+    resized crop and a random rot90/flip, as one affine resampling of the batch (B, C, H, W) (bilinear,
+    border padding). Same distributions as `random_resized_crop` and `dihedral`, different draws."""
+    B, dev = x.shape[0], x.device
+    u = torch.rand(B, 4, generator=generator, device=dev)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    w, h = (area * log_r.exp()).sqrt().clamp(max=1), (area / log_r.exp()).sqrt().clamp(max=1)  # side fractions
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 1, 1] = w, h
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)
+    if flips:
+        k = torch.randint(0, 8, (B,), generator=generator, device=dev)
+        theta[:, :, :2] = theta[:, :, :2] @ DIHEDRAL.to(dev)[k]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 @dataclass

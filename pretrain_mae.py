@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), help="random resized crop area; "
                    "pass 1 1 to disable")
     p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True, help="random rot90/flips")
+    p.add_argument("--gpu-augment", action="store_true", help="crop and flip on the device instead of in the loader "
+                   "(when CPU workers cannot feed the GPU; spectral jitter stays off)")
     p.add_argument("--brightness", type=float, default=0.0, help="global reflectance gain jitter, e.g. 0.1")
     p.add_argument("--contrast", type=float, default=0.0)
     p.add_argument("--band-gain", type=float, default=0.0, help="per-band gain jitter, e.g. 0.02")
@@ -100,8 +102,8 @@ def train(args, rank, world, device):
     start = common.resume(ckpt_path, rank, model.encoder.config, **state) if args.resume else 0
     ddp = DistributedDataParallel(model) if world > 1 else model
     ddp = torch.compile(ddp) if args.compile else ddp
-    augment = data.Augment(args.flips, None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale),
-                           args.brightness, args.contrast, args.band_gain)
+    crop = None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale)
+    augment = None if args.gpu_augment else data.Augment(args.flips, crop, args.brightness, args.contrast, args.band_gain)
     tiles = data.RandomTiles(datasets, args.img_size, args.seed, augment)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
     bands = args.rgb_bands or data.display_bands(datasets[0])
@@ -113,6 +115,9 @@ def train(args, rank, world, device):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
         x = next(batches)[0].to(device, non_blocking=True)  # (B, C, H, W) normalised
+        if args.gpu_augment:  # draws from (seed, rank, step): exact resume
+            gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank * 100_003 + step)
+            x = data.batch_augment(x, gen, crop or (1.0, 1.0), flips=args.flips)
         common.set_lr(optimizer, lr_schedule[step])
         with common.autocast(device, dtype):
             loss, *outputs = ddp(x)
