@@ -28,7 +28,10 @@ from models import SegmentationModel, build_backbone
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainers", default="mae,dino,seg", help="comma list of mae, dino, seg")
-    p.add_argument("--backbones", default="vit,ssvit,sst", help="comma list; sst runs SimMIM under 'mae' and no DINO")
+    p.add_argument("--backbones", default="vit,ssvit,sst", help="comma list; sst runs SimMIM under 'mae' and no DINO; "
+                   "resnet50v1c runs only under 'seg' (with deeplabv3plus)")
+    p.add_argument("--decoders", default="linear", help="seg: comma list of linear, conv, segmenter")
+    p.add_argument("--frozen", action="store_true", help="seg: frozen backbone (linear probe) instead of fine-tuning")
     p.add_argument("--size", default="tiny")
     p.add_argument("--bands", type=int, default=32, help="WHU-OHS: 32")
     p.add_argument("--batch-size", type=int, default=None, help="default: the study's (MAE 128, DINO ViT 128, "
@@ -76,10 +79,10 @@ def dino_case(args, backbone, B, device):
     return student, student.parameters(), loss, pretrain_dino.flops_per_tile(targs, student)
 
 
-def seg_case(args, backbone, B, device):
+def seg_case(args, backbone, B, device, decoder="linear"):
     kw = {"wavelengths": wavelengths(args)} if backbone in ("ssvit", "sst") else {}
-    model = SegmentationModel(build_backbone(backbone, args.size, args.bands, **kw), "linear", 24,
-                              frozen_backbone=False).to(device)
+    model = SegmentationModel(build_backbone(backbone, args.size, args.bands, **kw), decoder, 24,
+                              frozen_backbone=args.frozen).to(device)
     x = torch.randn(B, args.bands, 64, 64, device=device)
     y = torch.randint(0, 24, (B, 64, 64), device=device)
     targs = finetune_seg.parse_args(["--img-size", "64"])
@@ -99,10 +102,11 @@ def counted(model, loss_fn, B):
     return flops
 
 
-def run(args, trainer, backbone, device, dtype):
+def run(args, trainer, backbone, device, dtype, decoder=None):
     B = args.batch_size or (STUDY_BATCH.get((trainer, backbone), 32) if device.type == "cuda" else 16)
     torch.manual_seed(0)
-    model, params, loss_fn, arch_flops = CASES[trainer](args, backbone, B, device)
+    model, params, loss_fn, arch_flops = CASES[trainer](args, backbone, B, device, *([decoder] if decoder else []))
+    params = [p for p in params if p.requires_grad]
     counter_flops = counted(model, loss_fn, B) if trainer != "seg" else arch_flops
     optimizer = common.adamw(common.decay_groups(params, 0.05), 1e-4, device=device)
     fwd = torch.compile(model) if args.compile else model
@@ -147,12 +151,16 @@ def bench_models(args):
     print("|---|---|---|---|---|---|---|---|---|---|")
     for trainer in args.trainers.split(","):
         for backbone in args.backbones.split(","):
-            if trainer == "dino" and backbone == "sst":
+            if (trainer == "dino" and backbone == "sst") or (backbone == "resnet50v1c" and trainer != "seg"):
                 continue
-            r = run(args, trainer, backbone, device, dtype)
-            mfu = f"{r['tflops'] / peak:.1%}" + (f" / {r['tflops'] / bf16:.0%}" if bf16 else "")
-            print(f"| {trainer} | {backbone} | {r['batch']} | {r['img_s']:.1f} | {r['ms']:.0f} | {r['arch']:.2f} | "
-                  f"{r['counted']:.2f} | {r['tflops']:.3f} | {mfu} | {r['mem']:.2f} |", flush=True)
+            decoders = [None] if trainer != "seg" else ["deeplabv3plus"] if backbone == "resnet50v1c" else \
+                args.decoders.split(",")
+            for decoder in decoders:
+                r = run(args, trainer, backbone, device, dtype, decoder)
+                mfu = f"{r['tflops'] / peak:.1%}" + (f" / {r['tflops'] / bf16:.0%}" if bf16 else "")
+                name = trainer if decoder is None else f"seg {decoder}{' frozen' if args.frozen else ''}"
+                print(f"| {name} | {backbone} | {r['batch']} | {r['img_s']:.1f} | {r['ms']:.0f} | {r['arch']:.2f} | "
+                      f"{r['counted']:.2f} | {r['tflops']:.3f} | {mfu} | {r['mem']:.2f} |", flush=True)
 
 
 def bench_loader(args):
