@@ -4,6 +4,7 @@ or full fine-tuning (`--finetune`).
     python finetune_seg.py --init runs/demo_mae/ckpt.pt --out runs/probe        # bundled scene, 10% labels
     python finetune_seg.py --backbone pixel --out runs/pixel                     # per-pixel linear baseline
     python finetune_seg.py --init runs/mae_vitb/ckpt.pt --data /data/WHU-OHS --eval-every 2000 --out runs/whu
+    python finetune_seg.py --init runs/contrast/ckpt.pt --optimizer sgd --lr 0.01 --img-size 24 --batch-size 8 --out runs/cd
 Scenes: trains on a seeded sparse-label split (saved as <out>/split.npz) and reports the held-out pixels.
 WHU-OHS: trains on `tr`, evaluates on `val` and keeps the best checkpoint as <out>/best.pt.
 """
@@ -12,6 +13,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -28,7 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/indian_pines", help="a scene folder or a WHU-OHS root")
     p.add_argument("--init", default=None, help="pre-training checkpoint of any trainer (its backbone config "
                    "wins over --backbone/--size/...); none = random init")
-    p.add_argument("--backbone", default="vit", help="vit | pixel (a per-pixel linear classifier)")
+    p.add_argument("--backbone", default="vit", help="vit | pixel (a per-pixel linear classifier) | cdcnn (cross-domain "
+                   "CNN: a new first layer for this scene, the trunk from --init or random; always fine-tuned)")
     p.add_argument("--size", default="tiny")
     p.add_argument("--img-size", type=int, default=64, help="training tile size")
     p.add_argument("--patch-size", type=int, default=8)
@@ -49,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="sgd: with --momentum")
+    p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
@@ -58,9 +63,13 @@ def parse_args(argv=None):
 
 
 def build_model(args, ds):
+    if args.backbone == "cdcnn" and not args.init:
+        return cross_domain_model(args, ds)
     if args.init:
         ckpt = common.load_checkpoint(args.init)
         config = ckpt["backbone"]
+        if config["name"] == "cdcnn" or args.backbone == "cdcnn":
+            return cross_domain_model(args, ds, ckpt)
         common.check_bands(config, ds.bands, args.init, ds.name)
         backbone = build_backbone(**config)
         backbone.load_state_dict(common.backbone_weights(ckpt))
@@ -69,6 +78,41 @@ def build_model(args, ds):
         backbone = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
                                   **({} if args.backbone == "pixel" else {"num_registers": args.registers, "ffn": args.ffn}))
     return SegmentationModel(backbone, args.decoder, ds.num_classes, levels=4, frozen_backbone=not args.finetune)
+
+
+def cross_domain_model(args, ds, ckpt=None):
+    """Lee & Kwon's transfer: a cross-domain CNN with one new domain, this scene (a new first layer), and a
+    new classifier, both initialised N(0, 0.001); the shared trunk comes from `ckpt` (pretrain_contrast.py)
+    or is random (scratch). The whole model is trained; `param_groups` gives the new layers 10x the
+    trunk's lr."""
+    config = {} if ckpt is None else ckpt["backbone"]
+    if ckpt is not None and config["name"] != "cdcnn":
+        raise ValueError(f"{args.init}: --backbone cdcnn needs a pretrain_contrast.py checkpoint, this one holds a "
+                         f"{config['name']!r} backbone")
+    shape = {k: v for k, v in config.items() if k not in ("name", "in_chans")}  # width, depth
+    backbone = build_backbone("cdcnn", in_chans={ds.name: ds.bands}, **shape)
+    if ckpt is not None:
+        trunk = {k[len("trunk."):]: v for k, v in common.backbone_weights(ckpt).items() if k.startswith("trunk.")}
+        backbone.trunk.load_state_dict(trunk)
+        common.print0(f"cdcnn trunk {shape} from {args.init} (step {ckpt['step']}, pre-trained on "
+                      f"{config['in_chans']}); new first layer for {ds.name} ({ds.bands} bands)")
+    model = SegmentationModel(backbone, args.decoder, ds.num_classes, levels=1, frozen_backbone=False)
+    for new in (backbone.first[ds.name], model.decoder.classifier):
+        nn.init.normal_(new.weight, std=0.001)
+        nn.init.zeros_(new.bias)
+    return model
+
+
+def param_groups(model, args):
+    """Decoder at lr, backbone at lr x --backbone-lr-scale. A cross-domain CNN's new first layer is a new
+    layer too: it learns with the decoder (10x the transferred trunk at the default scale 0.1)."""
+    backbone = model.backbone
+    if backbone.config["name"] == "cdcnn":
+        return (common.decay_groups(model.decoder, args.weight_decay)
+                + common.decay_groups(backbone.first, args.weight_decay)
+                + common.decay_groups(backbone.trunk, args.weight_decay, args.backbone_lr_scale))
+    return (common.decay_groups(model.decoder, args.weight_decay)
+            + common.decay_groups(backbone, args.weight_decay, args.backbone_lr_scale))
 
 
 def splits(args, ds, out, resume):
@@ -140,9 +184,9 @@ def train(args, rank, world, device):
     model = build_model(args, train_ds).to(device)
     weight = class_weights(train_ds, args.class_weights)
     weight = None if weight is None else weight.to(device)
-    groups = (common.decay_groups(model.decoder, args.weight_decay)
-              + common.decay_groups(model.backbone, args.weight_decay, args.backbone_lr_scale))
-    optimizer = common.adamw(groups, args.lr, (0.9, 0.999), device)
+    groups = param_groups(model, args)
+    optimizer = (common.sgd(groups, args.lr, args.momentum) if args.optimizer == "sgd"
+                 else common.adamw(groups, args.lr, (0.9, 0.999), device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lr_schedule = common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps)
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
@@ -155,7 +199,7 @@ def train(args, rank, world, device):
     meters, best_path = common.Meters(), os.path.join(args.out, "best.pt")
     best = common.load_checkpoint(best_path)["val"]["miou"] if args.resume and os.path.isfile(best_path) else -1.0
     extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "levels": model.levels,
-                              "class_names": train_ds.class_names, "frozen_backbone": not args.finetune}}
+                              "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone}}
     gamma = args.focal_gamma if args.loss == "focal" else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:

@@ -9,6 +9,8 @@ import torch
 
 import common
 import data
+import eval as evaluation
+import finetune_seg
 import pretrain_contrast
 from conftest import write_scene
 from models import CrossDomainCNN, build_backbone
@@ -163,6 +165,62 @@ def test_pretrain_resumes_exactly(tmp_path, cache_dir, monkeypatch):
     with pytest.raises(ValueError, match=r"b/ckpt.pt: checkpoint was trained on \{'sensor_a': 6, 'sensor_b': 9\} "
                                          r"bands but the data has \{'sensor_a': 6, 'sensor_c': 5\}"):
         pretrain_contrast.main(contrast_args(f"{spec.split(',')[0]},{other}", tmp_path / "b", cache_dir, 8, "--resume"))
+
+
+def test_transfer_lr_groups_init_and_eval(tmp_path, cache_dir):
+    spec, target = sources(tmp_path)
+    pre = tmp_path / "pre"
+    pretrain_contrast.main(contrast_args(spec, pre, cache_dir, 2))
+    args = finetune_seg.parse_args(["--init", str(pre / "ckpt.pt"), "--data", target, "--optimizer", "sgd"])
+    ds = data.load_dataset(target, cache_dir=cache_dir)
+    model = finetune_seg.build_model(args, ds)
+    backbone = model.backbone
+    # A new first layer for the target scene and a new classifier, N(0, 0.001); the trunk transferred.
+    assert list(backbone.first) == ["target"] and backbone.first["target"].in_channels == 16
+    for new in (backbone.first["target"], model.decoder.classifier):
+        assert new.weight.std().item() == pytest.approx(0.001, rel=0.2) and not new.bias.any()
+    trunk = common.backbone_weights(torch.load(pre / "ckpt.pt", weights_only=False))
+    for k, v in backbone.trunk.state_dict().items():
+        assert torch.equal(v, trunk[f"trunk.{k}"]), k
+    # What the optimizer holds: new layers at lr, the trunk at lr / 10, every parameter exactly once.
+    optimizer = common.sgd(finetune_seg.param_groups(model, args), 0.01)
+    common.set_lr(optimizer, 0.01)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(lr_of) == sum(len(g["params"]) for g in optimizer.param_groups)
+    for name, p in model.named_parameters():
+        expected = 0.001 if name.startswith("backbone.trunk.") else 0.01
+        assert lr_of[id(p)] == pytest.approx(expected), name
+    # End to end: fine-tune, resume, evaluate the checkpoint.
+    out = tmp_path / "ft"
+    seg = ["--data", target, "--out", str(out), "--cache-dir", cache_dir, "--img-size", "16", "--batch-size", "4",
+           "--log-every", "1", "--eval-every", "2", "--ckpt-every", "1", "--eval-batch-size", "8", "--workers", "0",
+           "--init", str(pre / "ckpt.pt"), "--optimizer", "sgd", "--lr", "0.01", "--labels-per-class", "5"]
+    finetune_seg.main([*seg, "--steps", "1"])
+    finetune_seg.main([*seg, "--steps", "2", "--resume"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["backbone"]["in_chans"] == {"target": 16}
+    assert sorted(g["lr"] for g in ckpt["optimizer"]["param_groups"])[-1] == pytest.approx(
+        10 * sorted(g["lr"] for g in ckpt["optimizer"]["param_groups"])[0])
+    m = evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--pictures", "1"])
+    assert m["pixels"] == int(data.load_split(out / "split.npz", (32, 32))[1].sum())
+    other = write_scene(tmp_path / "twelve", bands=12, size=32)
+    with pytest.raises(ValueError, match="ckpt.pt: checkpoint was trained on 16 bands but twelve has 12"):
+        evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--data", other, "--cache-dir", cache_dir])
+
+
+def test_scratch_and_refused_checkpoint(tmp_path, cache_dir):
+    target = write_scene(tmp_path / "target", bands=16, size=32)
+    common_args = ["--data", target, "--cache-dir", cache_dir, "--img-size", "16", "--batch-size", "2", "--steps", "1",
+                   "--eval-every", "5", "--workers", "0"]
+    finetune_seg.main([*common_args, "--backbone", "cdcnn", "--out", str(tmp_path / "scratch")])
+    scratch = torch.load(tmp_path / "scratch" / "ckpt.pt", weights_only=False)
+    assert scratch["backbone"] == {"name": "cdcnn", "in_chans": {"target": 16}, "width": 128, "depth": 5}
+    assert scratch["segmentation"]["frozen_backbone"] is False
+    finetune_seg.main([*common_args, "--backbone", "pixel", "--out", str(tmp_path / "pixel")])
+    with pytest.raises(ValueError, match=r"pixel/ckpt.pt: --backbone cdcnn needs a pretrain_contrast.py checkpoint, "
+                                         r"this one holds a 'pixel' backbone"):
+        finetune_seg.main([*common_args, "--backbone", "cdcnn", "--init", str(tmp_path / "pixel" / "ckpt.pt"),
+                           "--out", str(tmp_path / "x")])
 
 
 def test_pretrain_under_torchrun(tmp_path, cache_dir):
