@@ -139,6 +139,12 @@ def poly_schedule(base, total_steps, power=0.9, warmup_steps=0):
     return _warmup_then(base, total_steps, warmup_steps, 0.0, lambda t: base * (1 - t) ** power)
 
 
+def step_schedule(base, total_steps, milestones=(0.6, 0.8), gamma=0.1):
+    """Per-iteration values: base, multiplied by gamma at each milestone (a fraction of the run)."""
+    passed = np.searchsorted(np.asarray(milestones) * total_steps, np.arange(total_steps), side="right")
+    return base * gamma ** passed
+
+
 def scaled_lr(base_lr, batch_size, world_size, reference_batch=256):
     return base_lr * batch_size * world_size / reference_batch
 
@@ -154,6 +160,10 @@ def decay_groups(params, weight_decay, lr_scale=1.0):
 
 def adamw(groups, lr, betas=(0.9, 0.95), device=torch.device("cpu")):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def sgd(groups, lr, momentum=0.9):
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
 def set_lr(optimizer, lr):
@@ -236,8 +246,13 @@ def backbone_weights(ckpt):
 
 
 def check_bands(config, bands, path, data_name="the data"):
-    if config["in_chans"] != bands:
-        raise ValueError(f"{path}: checkpoint was trained on {config['in_chans']} bands but {data_name} has {bands} bands")
+    """`bands`: the data's band count. A cross-domain backbone's config holds {domain: bands}; with one
+    domain it reads any data with that band count."""
+    trained = config["in_chans"]
+    if isinstance(trained, dict) and len(trained) == 1 and not isinstance(bands, dict):
+        trained = next(iter(trained.values()))
+    if trained != bands:
+        raise ValueError(f"{path}: checkpoint was trained on {trained} bands but {data_name} has {bands} bands")
 
 
 def check_config(saved, current, path):

@@ -4,6 +4,7 @@ or full fine-tuning (`--finetune`).
     python finetune_seg.py --init runs/demo_mae/ckpt.pt --out runs/probe        # bundled scene, 10% labels
     python finetune_seg.py --backbone pixel --out runs/pixel                     # per-pixel linear baseline
     python finetune_seg.py --init runs/mae_vitb/ckpt.pt --data /data/WHU-OHS --eval-every 2000 --out runs/whu
+    python finetune_seg.py --init runs/contrast/ckpt.pt --optimizer sgd --lr 0.01 --img-size 24 --batch-size 8 --out runs/cd
 Scenes: trains on a seeded sparse-label split (saved as <out>/split.npz) and reports the held-out pixels.
 WHU-OHS: trains on `tr`, evaluates on `val` and keeps the best checkpoint as <out>/best.pt.
 """
@@ -13,6 +14,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -29,7 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/indian_pines", help="a scene folder or a WHU-OHS root")
     p.add_argument("--init", default=None, help="pre-training checkpoint of any trainer (its backbone config "
                    "wins over --backbone/--size/...); none = random init")
-    p.add_argument("--backbone", default="vit", help="vit | ssvit | sst | pixel (a per-pixel linear classifier)")
+    p.add_argument("--backbone", default="vit", help="vit | ssvit | sst | pixel (a per-pixel linear classifier) | "
+                   "resnet50v1c (with --decoder deeplabv3plus) | cdcnn (cross-domain CNN: a new first layer for this "
+                   "scene, the trunk from --init or random; always fine-tuned)")
     p.add_argument("--size", default="tiny")
     p.add_argument("--img-size", type=int, default=64, help="training tile size")
     p.add_argument("--patch-size", type=int, default=8)
@@ -60,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="sgd: with --momentum")
+    p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
@@ -69,10 +75,14 @@ def parse_args(argv=None):
 
 
 def build_model(args, ds):
-    transformer = args.backbone not in ("pixel", "resnet50v1c")
+    transformer = args.backbone not in ("pixel", "resnet50v1c", "cdcnn")
+    if args.backbone == "cdcnn" and not args.init:
+        return cross_domain_model(args, ds)
     if args.init:
         ckpt = common.load_checkpoint(args.init)
         config = ckpt["backbone"]
+        if config["name"] == "cdcnn" or args.backbone == "cdcnn":
+            return cross_domain_model(args, ds, ckpt)
         common.check_bands(config, ds.bands, args.init, ds.name)
         if args.drop_path is not None:
             config = {**config, "drop_path_rate": args.drop_path}
@@ -86,6 +96,29 @@ def build_model(args, ds):
                                       "spectral_patch": args.spectral_patch,
                                       "wavelengths": None if args.pca else ds.wavelengths}))
     return SegmentationModel(backbone, args.decoder, ds.num_classes, frozen_backbone=not args.finetune)
+
+
+def cross_domain_model(args, ds, ckpt=None):
+    """Lee & Kwon's transfer: a cross-domain CNN with one new domain, this scene (a new first layer), and a
+    new classifier, both initialised N(0, 0.001); the shared trunk comes from `ckpt` (pretrain_contrast.py)
+    or is random (scratch). The whole model is trained; `param_groups` gives the new layers 10x the
+    trunk's lr."""
+    config = {} if ckpt is None else ckpt["backbone"]
+    if ckpt is not None and config["name"] != "cdcnn":
+        raise ValueError(f"{args.init}: --backbone cdcnn needs a pretrain_contrast.py checkpoint, this one holds a "
+                         f"{config['name']!r} backbone")
+    shape = {k: v for k, v in config.items() if k not in ("name", "in_chans")}  # width, depth
+    backbone = build_backbone("cdcnn", in_chans={ds.name: ds.bands}, **shape)
+    if ckpt is not None:
+        trunk = {k[len("trunk."):]: v for k, v in common.backbone_weights(ckpt).items() if k.startswith("trunk.")}
+        backbone.trunk.load_state_dict(trunk)
+        common.print0(f"cdcnn trunk {shape} from {args.init} (step {ckpt['step']}, pre-trained on "
+                      f"{config['in_chans']}); new first layer for {ds.name} ({ds.bands} bands)")
+    model = SegmentationModel(backbone, args.decoder, ds.num_classes, frozen_backbone=False)
+    for new in (backbone.first[ds.name], model.decoder.classifier):
+        nn.init.normal_(new.weight, std=0.001)
+        nn.init.zeros_(new.bias)
+    return model
 
 
 def splits(args, ds, out, resume):
@@ -108,8 +141,12 @@ def splits(args, ds, out, resume):
 
 def param_groups(args, model):
     """Decoder at lr; backbone at lr x --backbone-lr-scale, and with --layer-decay each transformer
-    layer at a further decay^(depth + 1 - layer)."""
+    layer at a further decay^(depth + 1 - layer). A cross-domain CNN's new first layer is a new layer too:
+    it learns with the decoder (10x the transferred trunk at the default scale 0.1)."""
     groups = common.decay_groups(model.decoder, args.weight_decay)
+    if model.backbone.config["name"] == "cdcnn":  # its new first layer learns with the decoder (10x the trunk)
+        return (groups + common.decay_groups(model.backbone.first, args.weight_decay)
+                + common.decay_groups(model.backbone.trunk, args.weight_decay, args.backbone_lr_scale))
     if args.layer_decay == 1.0 or not hasattr(model.backbone, "streams") or not model.backbone.streams:
         return groups + common.decay_groups(model.backbone, args.weight_decay, args.backbone_lr_scale)
     ids, top = layer_ids(model.backbone)
@@ -156,11 +193,11 @@ def segmentation_loss(logits, target, weight=None, focal_gamma=None, aux_weight=
     return ((1 - p_true) ** focal_gamma * ce).sum() / valid
 
 
-def train_flops(model, weight, gamma, args, device):
+def train_flops(model, bands, weight, gamma, args, device):
     """Training FLOPs per image, counted by torch.utils.flop_counter on one step of a copy of the model
     (decoders and the CNN make an architecture formula long; the copy keeps BatchNorm statistics)."""
     copy_ = copy.deepcopy(model).train()
-    x = torch.zeros(2, model.backbone.in_chans, args.img_size, args.img_size, device=device)
+    x = torch.zeros(2, bands, args.img_size, args.img_size, device=device)
     y = torch.zeros(2, args.img_size, args.img_size, dtype=torch.long, device=device)
     return common.counted_flops(lambda: segmentation_loss(copy_(x), y, weight, gamma).backward()) / 2
 
@@ -199,7 +236,9 @@ def train(args, rank, world, device):
         model = model.to(memory_format=torch.channels_last)
     weight = class_weights(train_ds, args.class_weights)
     weight = None if weight is None else weight.to(device)
-    optimizer = common.adamw(param_groups(args, model), args.lr, (0.9, 0.999), device)
+    groups = param_groups(args, model)
+    optimizer = (common.sgd(groups, args.lr, args.momentum) if args.optimizer == "sgd"
+                 else common.adamw(groups, args.lr, (0.9, 0.999), device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lr_schedule = common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps)
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
@@ -211,14 +250,14 @@ def train(args, rank, world, device):
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
     gamma = args.focal_gamma if args.loss == "focal" else None
     peak, source = common.peak_tflops(device, dtype)
-    flops = train_flops(model, weight, gamma, args, device)
+    flops = train_flops(model, train_ds.bands, weight, gamma, args, device)
     common.print0(f"{flops / 1e9:.2f} GFLOP per image (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
     logger = common.Logger(args.out, args, start, flops, peak)
     meters, best_path = common.Meters(), os.path.join(args.out, "best.pt")
     best = common.load_checkpoint(best_path)["val"]["miou"] if args.resume and os.path.isfile(best_path) else -1.0
     extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "blocks": model.blocks,
                               "pca": None if pca is None else pca.tolist(),
-                              "class_names": train_ds.class_names, "frozen_backbone": not args.finetune}}
+                              "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone}}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
         x, y, _ = next(batches)

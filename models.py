@@ -641,8 +641,8 @@ BACKBONES = {"vit": VisionTransformer, "ssvit": SpatialSpectralViT, "sst": Spect
 
 
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
-    """The one factory every script uses: vit | ssvit | sst at size tiny | small | base, pixel, or the
-    CNN baseline resnet50v1c (for `--decoder deeplabv3plus`).
+    """The one factory every script uses: vit | ssvit | sst at size tiny | small | base, pixel, the CNN
+    baseline resnet50v1c (for `--decoder deeplabv3plus`), or cdcnn (in_chans = {domain: bands}).
     Options a backbone does not have must be None (so a script can pass e.g. `spectral_patch=None` to
     any backbone). The returned module carries `.config`, which checkpoints store and
     `build_backbone(**config)` rebuilds."""
@@ -651,8 +651,14 @@ def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **
         model = PixelBackbone(in_chans) if name == "pixel" else ResNetV1c(in_chans)
         model.config = dict(name=name, in_chans=in_chans)
         return model
+    if name == "cdcnn":  # pretrain_contrast.py's cross-domain CNN: in_chans = {domain name: band count}
+        if not isinstance(in_chans, dict):
+            raise ValueError(f"backbone 'cdcnn' needs in_chans = {{domain name: band count}}, got {in_chans!r}")
+        model = CrossDomainCNN(in_chans, **kwargs)
+        model.config = dict(name=name, in_chans=dict(in_chans), width=model.width, depth=model.depth)
+        return model
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}, pixel, resnet50v1c")
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}, pixel, resnet50v1c, cdcnn")
     if size not in VIT_SIZES:
         raise ValueError(f"unknown size {size!r}; available: {', '.join(VIT_SIZES)}")
     if name == "vit":
@@ -1107,3 +1113,57 @@ def layer_ids(backbone):
         else:
             ids[name] = 0
     return ids, depth + 1
+
+
+# ----------------------------------------------------------------------------- cross-domain CNN
+
+class ResidualModule(nn.Module):
+    """Two 1x1 convolutions with a ReLU between them, added to the input, then a ReLU."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class CrossDomainCNN(nn.Module):
+    """Lee & Kwon's cross-domain CNN for scenes from different sensors. Each domain (scene or sensor) has
+    its own first layer, a 5x5 conv from its band count to `width` channels (padding 2, so features stay
+    at full resolution); all domains share the trunk: `depth` two-layer residual modules of 1x1 convs and
+    a final 1x1 conv. A pixel's feature (width-d) depends on its 5x5 neighbourhood only.
+    `domains`: {name: band count}, in a fixed order."""
+
+    def __init__(self, domains, width=128, depth=5):
+        super().__init__()
+        for name in domains:
+            if not name or "." in name:
+                raise ValueError(f"domain name {name!r}: must be non-empty and without '.' (a module name)")
+        self.width, self.depth = width, depth
+        self.first = nn.ModuleDict({name: nn.Conv2d(bands, width, 5, padding=2) for name, bands in domains.items()})
+        self.trunk = nn.Sequential(*(ResidualModule(width) for _ in range(depth)), nn.Conv2d(width, width, 1))
+
+    def first_layer(self, domain, x):
+        if domain not in self.first:
+            raise ValueError(f"no domain {domain!r} in this cross-domain CNN (domains: {', '.join(self.first)})")
+        conv = self.first[domain]
+        if x.shape[1] != conv.in_channels:
+            raise ValueError(f"domain {domain!r} has {conv.in_channels} bands, got an input with {x.shape[1]}")
+        return F.relu(conv(x))
+
+    def forward(self, x, domains=None):
+        """x (B, C, H, W) of one domain (the only one when `domains` is None) -> (B, width, H, W). Or
+        lists: x[i] (B_i, C_i, H, W) of domain domains[i], each through its own first layer, then
+        together through the shared trunk -> (sum of B_i, width, H, W)."""
+        if torch.is_tensor(x):
+            if domains is None and len(self.first) != 1:
+                raise ValueError(f"this cross-domain CNN has domains {', '.join(self.first)}: say which one")
+            x, domains = [x], [next(iter(self.first)) if domains is None else domains]
+        return self.trunk(torch.cat([self.first_layer(d, xi) for xi, d in zip(x, domains)]))
+
+    def intermediate_layers(self, x, blocks=1):
+        return [(None, self(x))]
+
+    def feature_dims(self, levels):
+        return [self.width]

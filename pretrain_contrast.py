@@ -1,0 +1,179 @@
+"""Cross-domain contrastive pre-training (Lee & Kwon, "Self-supervised contrastive learning for
+cross-domain hyperspectral image representation", 2022) of a cross-domain CNN on unlabelled scenes from
+different sensors: one first layer per scene (its own band count), one shared trunk.
+
+Every iteration draws one random p x p region from every scene (never two from one scene). Pixels of a
+region are positives of each other, pixels of the other scenes' regions are negatives; the loss is the
+multi-positive InfoNCE. Transfer with `finetune_seg.py --init <out>/ckpt.pt` (a new first layer for the
+target scene, the trunk from here).
+
+    python pretrain_contrast.py                           # every scene in ../shared/data but indian_pines
+    python pretrain_contrast.py --data a,b,c --region-size 7 --steps 5000 --out runs/contrast_p7
+    torchrun --nproc_per_node 2 pretrain_contrast.py --out runs/contrast_ddp
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import common
+import data
+from models import build_backbone
+
+MARGIN = 2  # the 5x5 first layer's reach: regions are read with this much context around them
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/data", help="scene folders, comma-separated (one domain each), or "
+                   "one folder of scene folders: then every scene in it except --exclude")
+    p.add_argument("--exclude", default="indian_pines", help="scene folders left out when --data is a folder of "
+                   "scenes, comma-separated: the downstream scene, so pre-training never sees it")
+    p.add_argument("--region-size", type=int, default=5, help="p: one p x p region per scene and iteration")
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--width", type=int, default=128, help="channels of the first layers and the trunk")
+    p.add_argument("--depth", type=int, default=5, help="residual modules (two 1x1 convs each) in the trunk")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--lr-milestones", type=float, nargs="*", default=(0.6, 0.8),
+                   help="fractions of the run where the lr is multiplied by 0.1")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.005)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm; 0 = off. At initialisation the "
+                   "gradient norm is ~1e3 (temperature 0.1, p*p-1 positives summed) and unclipped steps at lr 0.03 "
+                   "kill the ReLUs: every feature becomes the trunk's bias (pos_sim = neg_sim = 1)")
+    p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,
+                   help="a random one of the 8 flips/rotations of every region")
+    common.add_run_args(p, out="runs/contrast")
+    return p.parse_args(argv)
+
+
+def source_scenes(spec, exclude):
+    """--data as a comma-separated list of scene folders; a folder of scene folders expands to its scenes
+    (sorted) minus the excluded names."""
+    if "," in spec or os.path.isfile(os.path.join(spec, "image.tif")):
+        return spec
+    if not os.path.isdir(spec):
+        raise data.DataError(f"{spec}: no such folder; pass --data scene folders, comma-separated")
+    skip = {s.strip() for s in exclude.split(",")}
+    scenes = sorted(d for d in os.listdir(spec) if os.path.isfile(os.path.join(spec, d, "image.tif")) and d not in skip)
+    if not scenes:
+        raise data.DataError(f"{spec}: no scene folders (with image.tif) other than {sorted(skip)}")
+    return ",".join(os.path.join(spec, d) for d in scenes)
+
+
+class SceneRegions(torch.utils.data.Dataset):
+    """Item i: one random window of `size` px from every dataset, in dataset order, each normalised with
+    its own statistics and (with flips) under a random one of the 8 flips/rotations. Built on RandomTiles,
+    so item i is a pure function of (seed, i): with the step-indexed loader, rank r of a run draws its
+    regions at step s from the stream (seed, s, r) and a resumed run draws exactly what it would have."""
+
+    def __init__(self, datasets, size, seed=0, flips=True):
+        self.tiles = [data.RandomTiles([ds], size, seed, data.Augment(flips=flips)) for ds in datasets]
+
+    def __len__(self):
+        return 2 ** 62
+
+    def __getitem__(self, i):
+        n = len(self.tiles)
+        return [tiles[i * n + d][0] for d, tiles in enumerate(self.tiles)]  # [(C_d, size, size)]
+
+
+def region_features(model, regions, domains, p):
+    """regions [(1, C_d, p + 2*MARGIN, ...)], one per domain -> features (D*p*p, width) of the central
+    p x p pixels (each seen with its full 5x5 context) and their region ids (D*p*p,)."""
+    f = model(regions, domains)[:, :, MARGIN:MARGIN + p, MARGIN:MARGIN + p]  # (D, width, p, p)
+    region = torch.arange(len(regions), device=f.device).repeat_interleave(p * p)
+    return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]), region
+
+
+def multi_positive_infonce(z, region, temperature):
+    """Multi-positive InfoNCE over pixel features z (N, D) with region ids (N,); needs two regions or more.
+    With s_ij = cos(z_i, z_j) / temperature, positives P(i) = the other pixels of i's region and
+    negatives N(i) = the pixels of every other region:
+
+        loss_i = sum_{j in P(i)} -log( exp(s_ij) / (exp(s_ij) + sum_{k in N(i)} exp(s_ik)) )
+
+    i.e. the sum over positives of single-positive InfoNCE terms (each positive against the negatives
+    only, the other positives are not in its denominator); the loss is the mean over anchors i."""
+    z = F.normalize(z.float(), dim=1)
+    s = z @ z.T / temperature  # (N, N)
+    same = region[:, None] == region[None, :]
+    negatives = s.masked_fill(same, float("-inf")).logsumexp(dim=1, keepdim=True)  # (N, 1): log sum_k exp(s_ik)
+    positives = same & ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    terms = torch.logaddexp(s, negatives) - s  # (N, N): the single-positive term for every pair
+    return terms.masked_fill(~positives, 0.0).sum(1).mean()
+
+
+@torch.no_grad()
+def similarities(z, region):
+    """Mean cosine similarity of positive and of negative pairs: both near 1 means collapse."""
+    z = F.normalize(z.float(), dim=1)
+    cos = z @ z.T
+    same = region[:, None] == region[None, :]
+    pos = same & ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    return cos[pos].mean(), cos[~same].mean()
+
+
+def main(argv=None):
+    common.launch(train, parse_args(argv))
+
+
+def train(args, rank, world, device):
+    common.seed_everything(args.seed, rank)
+    dtype = common.resolve_dtype(args.dtype, device)
+    ckpt_path = common.prepare_out_dir(args.out, args.resume)
+    datasets = data.load_datasets(source_scenes(args.data, args.exclude), "tr", args.cache_dir)
+    domains = {ds.name: ds.bands for ds in datasets}
+    if len(domains) < 2 or len(domains) != len(datasets):
+        raise data.DataError(f"{args.data}: contrastive pre-training needs two or more scenes with distinct names "
+                             f"(negatives come from the other scenes), got {[ds.name for ds in datasets]}")
+    model = build_backbone("cdcnn", in_chans=domains, width=args.width, depth=args.depth).to(device)
+    p = args.region_size
+    common.print0(f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params | domains {domains} | "
+                  f"{p}x{p} regions | {dtype} on {device}")
+    optimizer = common.sgd(common.decay_groups(model, args.weight_decay), args.lr, args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    lr_schedule = common.step_schedule(args.lr, args.steps, args.lr_milestones, 0.1)
+    state = dict(model=model, optimizer=optimizer, scaler=scaler)
+    start = common.resume(ckpt_path, rank, model.config, **state) if args.resume else 0
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    regions = SceneRegions(datasets, p + 2 * MARGIN, args.seed, args.flips)
+    batches = iter(data.step_loader(regions, 1, start, rank, world, args.workers, device))
+    names = list(domains)
+    logger = common.Logger(args.out, args, start)
+    meters = common.Meters()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
+    for step in bar:
+        xs = [x.to(device, non_blocking=True) for x in next(batches)]  # per domain (1, C_d, p+4, p+4)
+        common.set_lr(optimizer, lr_schedule[step])
+        with common.autocast(device, dtype):
+            z, region = region_features(ddp, xs, names, p)
+        # Each rank's loss holds one region per scene; DDP averages the ranks' gradients.
+        loss = multi_positive_infonce(z, region, args.temperature)
+        scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        pos_sim, neg_sim = similarities(z.detach(), region)
+        meters.add(loss=loss, pos_sim=pos_sim, neg_sim=neg_sim)
+        done = step + 1
+        save = done % args.ckpt_every == 0 or done == args.steps
+        if save or done % args.log_every == 0:  # the only host syncs: every log interval
+            stats = {**meters.flush(done, ckpt_path), "lr": float(lr_schedule[step])}
+            logger.scalars(done, stats, images=len(xs) * world)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", pos=f"{stats['pos_sim']:.2f}", neg=f"{stats['neg_sim']:.2f}")
+        if save:
+            common.save_checkpoint(ckpt_path, done, args, model.config, ("model", ""), **state)
+    logger.close()
+    common.print0(f"done: {args.steps} steps, checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    main()
