@@ -692,12 +692,13 @@ def save_split(path, train, test, **info):
 
 
 def load_split(path, shape):
+    """(train mask, test mask, info) of a split saved by save_split; info holds e.g. the kept `classes`."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no saved split")
     z = np.load(path)
     if z["train"].shape != tuple(shape):
         raise DataError(f"{path}: split is {z['train'].shape} but the scene is {tuple(shape)}")
-    return z["train"], z["test"]
+    return z["train"], z["test"], json.loads(str(z["info"]))
 
 
 def scene_labels(ds):
@@ -706,6 +707,31 @@ def scene_labels(ds):
     if r.label is None:
         raise DataError(f"{ds.name}: scene has no gt.tif, so it has no labels to split")
     return ds.crop(0, 0, 0, *r.image.shape[1:])[1]
+
+
+def select_classes(ds, classes):
+    """A copy of a one-raster scene with only `classes` (0-based ids, in this order) labelled, renumbered
+    0..len(classes)-1; pixels of other classes become unlabelled. The class count follows."""
+    r = ds.rasters[0]
+    lut = np.zeros(max(ds.num_classes, int(np.max(r.label))) + 1, np.uint8)
+    lut[np.asarray(classes, np.int64) + 1] = np.arange(1, len(classes) + 1)
+    return HSIDataset(**{**ds.__dict__, "rasters": [Raster(r.path, r.image, lut[np.asarray(r.label)])],
+                         "num_classes": len(classes), "class_names": [ds.class_names[c] for c in classes]})
+
+
+def scene_split(ds, seed, per_class=None, fraction=None, min_class_pixels=0):
+    """The sparse-label protocol of a scene: only classes with at least `min_class_pixels` labelled
+    (valid) pixels take part (e.g. 400: Lee & Kwon's 9 Indian Pines classes), then `sparse_split`.
+    Returns (dataset with the kept classes renumbered, train mask, test mask, kept class ids or None)."""
+    classes = None
+    if min_class_pixels:
+        counts = np.bincount(scene_labels(ds).ravel() + 1, minlength=ds.num_classes + 1)[1:]
+        classes = [c for c in range(ds.num_classes) if counts[c] >= min_class_pixels]
+        if not classes:
+            raise DataError(f"{ds.name}: no class has {min_class_pixels} labelled pixels (largest: {counts.max()})")
+        ds = select_classes(ds, classes)
+    train, test = sparse_split(scene_labels(ds), seed, per_class, fraction)
+    return ds, train, test, classes
 
 
 def with_labels(ds, mask):

@@ -12,13 +12,14 @@ import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import common
 import data
 from data import IGNORE_INDEX
-from models import SegmentationModel, build_backbone
+from models import SegmentationModel, backbone_depth, build_backbone
 
 PALETTE = np.array([  # fixed class colours; index = class id
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -78,24 +79,40 @@ def format_table(m):
 # ----------------------------------------------------------------------------- inference
 
 @torch.no_grad()
-def predict_raster(model, ds, index, window, overlap, batch_size, device, dtype):
-    """Sliding-window logits (K, H, W) for one raster (overlapping windows, logits averaged) and its
-    (H, W) labels, assembled from the same windows."""
+def sliding(fn, ds, index, window, overlap, batch_size, device, dtype):
+    """fn(x) -> (B, K, h, w) maps at the window's resolution, averaged over overlapping windows of raster
+    `index` -> (K, H, W), and the raster's (H, W) labels, assembled from the same windows. window None:
+    the whole raster in one pass - for fully convolutional models, which then see no tile borders."""
     H, W = ds.rasters[index].image.shape[1:]
+    if window is None:
+        img, labels = ds.crop(index, 0, 0, H, W)
+        with common.autocast(device, dtype):
+            return fn(torch.from_numpy(ds.normalize(img))[None].to(device)).float().cpu()[0], labels
     tiles = data.GridTiles(ds, window, overlap, rasters=[index])
     total, count = None, torch.zeros(1, H, W)
     labels = np.full((H, W), IGNORE_INDEX, np.int64)
     for x, lab, where in torch.utils.data.DataLoader(tiles, batch_size=batch_size):
         with common.autocast(device, dtype):
-            logits = model(x.to(device)).float().cpu()
+            out = fn(x.to(device)).float().cpu()
         if total is None:
-            total = torch.zeros(logits.shape[1], H, W)
-        for out, win_lab, (_, y, x0) in zip(logits, lab.numpy(), where.tolist()):
+            total = torch.zeros(out.shape[1], H, W)
+        for o, win_lab, (_, y, x0) in zip(out, lab.numpy(), where.tolist()):
             h, w = min(window, H - y), min(window, W - x0)
-            total[:, y:y + h, x0:x0 + w] += out[:, :h, :w]
+            total[:, y:y + h, x0:x0 + w] += o[:, :h, :w]
             count[:, y:y + h, x0:x0 + w] += 1
             labels[y:y + h, x0:x0 + w] = win_lab[:h, :w]
     return total / count, labels
+
+
+def predict_raster(model, ds, index, window, overlap, batch_size, device, dtype):
+    """Sliding-window logits (K, H, W) for one raster and its (H, W) labels."""
+    return sliding(model, ds, index, window, overlap, batch_size, device, dtype)
+
+
+def fully_convolutional(config):
+    """Backbones whose output at a pixel depends on a small neighbourhood only: inference runs on the
+    whole scene at once (no tile borders, no padded context)."""
+    return config["name"] in ("pixel", "cdcnn")
 
 
 def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=None, on_raster=None):
@@ -114,6 +131,151 @@ def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=N
             on_raster(r, pred, labels)
     model.train(was_training)
     return metrics_from_confusion(cm, ds.class_names)
+
+
+# ----------------------------------------------------------------------------- frozen-representation probes
+
+def add_backbone_args(p):
+    """The flags that name a backbone, shared by finetune_seg.py and the probes here (so one protocol
+    configuration, e.g. `--init runs/mae/ckpt.pt --twin`, means the same network in both)."""
+    p.add_argument("--init", default=None, help="pre-training checkpoint of any trainer (its backbone config "
+                   "wins over --backbone/--size/...); none = random init")
+    p.add_argument("--twin", action="store_true", help="with --init: the checkpoint's exact backbone (sizes, "
+                   "registers, FFN, streams, ...) with random weights and none of its weights - the "
+                   "same-architecture control every 'pre-training helps' claim is measured against")
+    p.add_argument("--backbone", default="vit", help="vit | ssvit | sst | pixel (the per-pixel spectrum) | "
+                   "resnet50v1c (with --decoder deeplabv3plus) | cdcnn (cross-domain CNN: a new first layer for this "
+                   "scene, the trunk from --init or random; always fine-tuned)")
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--img-size", type=int, default=64, help="tile size (training tiles and inference windows)")
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--spectral-patch", type=int, default=None, help="ssvit/sst: bands per spectral token")
+    p.add_argument("--registers", type=int, default=None, help="default: vit 0, ssvit 4 per stream")
+    p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
+    p.add_argument("--depth", type=int, default=None, help="cdcnn from scratch: residual modules in the trunk "
+                   "(default 5, as pre-trained; Lee & Kwon's scratch baseline has 4)")
+
+
+def add_split_args(p):
+    """The sparse-label protocol of a scene (see data.scene_split)."""
+    p.add_argument("--labels-per-class", type=int, default=None, help="N labelled training pixels per class "
+                   "(at most half of a class)")
+    p.add_argument("--train-fraction", type=float, default=None, help="fraction of each class for training "
+                   "(default 0.1 unless --labels-per-class)")
+    p.add_argument("--min-class-pixels", type=int, default=0, help="only classes with at least M labelled pixels "
+                   "take part in training and scoring (the head has that many classes), e.g. 400 for Lee & "
+                   "Kwon's protocol on Indian Pines (9 classes)")
+    p.add_argument("--split-seed", type=int, default=0)
+
+
+def split_scene(args, ds):
+    """(dataset with the kept classes, train mask, test mask, kept classes or None, split info)."""
+    fraction = args.train_fraction if args.train_fraction is not None or args.labels_per_class else 0.1
+    ds, train, test, classes = data.scene_split(ds, args.split_seed, args.labels_per_class, fraction,
+                                                args.min_class_pixels)
+    info = dict(seed=args.split_seed, per_class=args.labels_per_class, fraction=fraction, classes=classes,
+                min_class_pixels=args.min_class_pixels)
+    return ds, train, test, classes, info
+
+
+def load_backbone(args, ds, **overrides):
+    """The backbone the shared flags name and the checkpoint it came from (None for a random init):
+    --init CKPT gives its backbone config (with `overrides`, e.g. drop_path_rate) and weights; with --twin
+    the same config and fresh random weights (drawn from the current torch seed)."""
+    if not args.init:
+        if args.twin:
+            raise ValueError("--twin needs --init CKPT: the twin is that checkpoint's backbone with random weights")
+        transformer = args.backbone not in ("pixel", "resnet50v1c", "cdcnn")
+        options = {} if not transformer else {
+            "num_registers": args.registers, "ffn": args.ffn, "spectral_patch": args.spectral_patch,
+            "wavelengths": None if getattr(args, "pca", None) else ds.wavelengths, **overrides}
+        return build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size, **options), None
+    ckpt = common.load_checkpoint(args.init)
+    config = {**ckpt["backbone"], **{k: v for k, v in overrides.items() if v is not None}}
+    common.check_bands(config, ds.bands, args.init, ds.name)
+    backbone = build_backbone(**config)
+    if args.twin:
+        common.print0(f"random twin of {args.init}: backbone {config}, random weights")
+    else:
+        backbone.load_state_dict(common.backbone_weights(ckpt))
+        common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
+    return backbone, ckpt
+
+
+def pixel_features(backbone, ds, window, overlap, batch_size, device, dtype, block=None):
+    """(D, H, W) features of every pixel of raster 0 from a frozen backbone: the tokens of `block`
+    (1-based; None = the last) bilinearly interpolated to the pixels and averaged over overlapping windows;
+    the per-pixel output for CNNs and the pixel backbone."""
+    depth = backbone_depth(backbone)
+    if block is not None and not 1 <= block <= depth:
+        raise ValueError(f"--probe-block {block}: the backbone has blocks 1..{depth}")
+    blocks = 1 if block is None or not hasattr(backbone, "blocks") and not hasattr(backbone, "spatial") else [block - 1]
+
+    def features(x):
+        fmap = backbone.intermediate_layers(x, blocks)[-1][1]  # (B, D, h, w)
+        return F.interpolate(fmap.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    backbone.eval()
+    return sliding(features, ds, 0, window, overlap, batch_size, device, dtype)[0]
+
+
+def knn_predict(train_x, train_y, test_x, num_classes, k=20, temperature=0.07, chunk=4096):
+    """DINO's weighted k-NN: cosine similarity to every training feature, the k nearest vote for their
+    class with weight exp(similarity / temperature). (N, D), (N,), (M, D) -> (M,) predictions."""
+    train = F.normalize(train_x.float(), dim=1)
+    k = min(k, len(train))
+    preds = []
+    for part in F.normalize(test_x.float(), dim=1).split(chunk):
+        sim, idx = (part @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(part), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def linear_probe(train_x, train_y, test_x, num_classes, weight_decay=1e-3, steps=200):
+    """Multinomial logistic regression on standardised features (statistics of the training pixels),
+    L2-penalised, fitted to convergence with L-BFGS from zeros: a convex problem, so the result depends
+    on the features alone, not on an optimiser schedule. -> (M,) predictions."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    layer = nn.Linear(a.shape[1], num_classes)
+    nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(a), train_y) + 0.5 * weight_decay * layer.weight.square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return layer(b).argmax(1)
+
+
+def run_probe(args, device, dtype):
+    """k-NN or linear probe of a frozen backbone on a scene's sparse-label split -> metrics."""
+    torch.manual_seed(args.seed)  # a --twin's random weights
+    ds, train, test, classes, info = split_scene(args, data.load_dataset(args.data, "tr", args.cache_dir))
+    if args.backbone == "cdcnn" or args.init and common.load_checkpoint(args.init)["backbone"]["name"] == "cdcnn":
+        raise ValueError("cdcnn gets a new first layer for every scene, so it has no frozen representation to "
+                         "probe; evaluate it fine-tuned (finetune_seg.py)")
+    backbone, _ = load_backbone(args, ds)
+    backbone.to(device)
+    window = None if fully_convolutional(backbone.config) else args.img_size
+    feats = pixel_features(backbone, ds, window, args.img_size // 4, args.batch_size, device, dtype, args.probe_block)
+    labels = torch.from_numpy(data.scene_labels(ds))
+    X = feats.flatten(1).T  # (H*W, D)
+    tr, te = torch.from_numpy(train.ravel()), torch.from_numpy(test.ravel())
+    if args.probe == "knn":
+        pred = knn_predict(X[tr], labels.ravel()[tr], X[te], ds.num_classes, args.k, args.knn_temperature)
+    else:
+        pred = linear_probe(X[tr], labels.ravel()[tr], X[te], ds.num_classes, args.probe_weight_decay)
+    metrics = metrics_from_confusion(confusion_matrix(pred.numpy(), labels.ravel()[te].numpy(), ds.num_classes),
+                                     ds.class_names)
+    metrics.update(probe=args.probe, block=args.probe_block or backbone_depth(backbone), init=args.init,
+                   twin=args.twin, backbone=backbone.config["name"], data=ds.name, split=info,
+                   train_pixels=int(train.sum()), feature_dim=int(X.shape[1]))
+    return metrics
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -254,33 +416,65 @@ def load_eval_data(args, ckpt):
     if split == "val":
         raise ValueError(f"{spec}: a scene has no val split; use --split test (held-out pixels) or train")
     split_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "split.npz")
-    train_mask, test_mask = data.load_split(split_path, ds.rasters[0].image.shape[1:])
+    train_mask, test_mask, info = data.load_split(split_path, ds.rasters[0].image.shape[1:])
+    if info.get("classes") is not None:  # trained and scored on a class subset (--min-class-pixels)
+        ds = data.select_classes(ds, info["classes"])
     return ds, test_mask if split == "ts" else train_mask
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint of finetune_seg.py (or of a pre-training run with --attention)")
-    p.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
+    p.add_argument("--ckpt", default=None, help="checkpoint of finetune_seg.py (or of a pre-training run with "
+                   "--attention); with --probe use --init (or --backbone pixel for the spectrum itself)")
+    p.add_argument("--data", default=None, help="default: the data the checkpoint was trained on (probes: "
+                   "data/indian_pines)")
     p.add_argument("--split", default="test", help="WHU-OHS: val | ts (test); scenes: test | train of the run's saved split")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--window", type=int, default=None, help="sliding window (default: the training tile size); "
-                   "e.g. 512 for whole WHU-OHS tiles")
+    p.add_argument("--window", type=int, default=None, help="sliding window (default: the training tile size; "
+                   "the whole scene for fully convolutional backbones); e.g. 512 for whole WHU-OHS tiles")
     p.add_argument("--overlap", type=int, default=None, help="window overlap in px (default: window / 4)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=None, help="default: <checkpoint dir>/eval-<split>")
+    p.add_argument("--out", default=None, help="default: <checkpoint dir>/eval-<split> (probes: runs/probe)")
     p.add_argument("--attention", action="store_true", help="also save last-block attention maps per head "
                    "(spatial; and spectral for ssvit/sst)")
     p.add_argument("--pictures", type=int, default=4, help="rasters (or attention windows) to draw")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="probes: the random weights of a --twin or random backbone")
+    g = p.add_argument_group("frozen-representation probes (no decoder; a scene's sparse-label split)")
+    g.add_argument("--probe", default=None, choices=["knn", "linear"], help="knn: DINO's weighted k-NN on per-pixel "
+                   "features; linear: L2-regularised logistic regression on them")
+    g.add_argument("--probe-block", type=int, default=None, help="read block i (1..depth) instead of the last, "
+                   "to follow a representation block by block")
+    g.add_argument("--k", type=int, default=20, help="k-NN neighbours")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="vote weight exp(cos / T), DINO's 0.07")
+    g.add_argument("--probe-weight-decay", type=float, default=1e-3, help="linear probe L2 penalty")
+    add_backbone_args(g)
+    add_split_args(g)
+    args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.probe is None):
+        p.error("give --ckpt (evaluate a checkpoint) or --probe knn|linear (probe a frozen backbone), not both")
+    return args
+
+
+def probe_main(args, device, dtype):
+    args.data = args.data or "data/indian_pines"
+    metrics = run_probe(args, device, dtype)
+    out = args.out or "runs/probe"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(format_table(metrics))
+    print(f"{args.probe} probe of block {metrics['block']} ({metrics['train_pixels']} training pixels) -> {out}")
+    return metrics
 
 
 def main(argv=None):
     args = parse_args(argv)
     _, _, device = common.init_distributed(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
+    if args.probe:
+        return probe_main(args, device, dtype)
     model, ckpt = load_model(args.ckpt, device)
     ds, label_mask = load_eval_data(args, ckpt)
     if ckpt.get("segmentation", {}).get("pca"):  # trained on principal components: project the same way
@@ -288,8 +482,9 @@ def main(argv=None):
     check_data(ckpt, args.ckpt, ds)
     # Default window = the fine-tuning tile size; any multiple of the patch size works (e.g. whole 512 px
     # WHU-OHS tiles with a 64 px backbone: its position embeddings are interpolated).
-    window = args.window or ckpt["args"].get("img_size") or ckpt["backbone"].get("img_size", 64)
-    overlap = window // 4 if args.overlap is None else args.overlap
+    window = args.window or (None if fully_convolutional(ckpt["backbone"]) else
+                             ckpt["args"].get("img_size") or ckpt["backbone"].get("img_size", 64))
+    overlap = (window or 0) // 4 if args.overlap is None else args.overlap
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval-{args.split}")
     os.makedirs(out, exist_ok=True)
     backbone = model.backbone if "segmentation" in ckpt else model

@@ -10,6 +10,7 @@ WHU-OHS: trains on `tr`, evaluates on `val` and keeps the best checkpoint as <ou
 """
 import argparse
 import copy
+import json
 import os
 
 import numpy as np
@@ -22,24 +23,15 @@ from tqdm import tqdm
 import common
 import data
 from data import IGNORE_INDEX
-from eval import colorize, evaluate, format_table
+from eval import (add_backbone_args, add_split_args, colorize, evaluate, format_table, fully_convolutional,
+                  load_backbone, split_scene)
 from models import SegmentationModel, build_backbone, layer_ids
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/indian_pines", help="a scene folder or a WHU-OHS root")
-    p.add_argument("--init", default=None, help="pre-training checkpoint of any trainer (its backbone config "
-                   "wins over --backbone/--size/...); none = random init")
-    p.add_argument("--backbone", default="vit", help="vit | ssvit | sst | pixel (a per-pixel linear classifier) | "
-                   "resnet50v1c (with --decoder deeplabv3plus) | cdcnn (cross-domain CNN: a new first layer for this "
-                   "scene, the trunk from --init or random; always fine-tuned)")
-    p.add_argument("--size", default="tiny")
-    p.add_argument("--img-size", type=int, default=64, help="training tile size")
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--spectral-patch", type=int, default=None, help="ssvit/sst: bands per spectral token")
-    p.add_argument("--registers", type=int, default=None, help="default: vit 0, ssvit 4 per stream")
-    p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
+    add_backbone_args(p)
     p.add_argument("--decoder", default="linear", choices=["linear", "conv", "segmenter", "deeplabv3plus"],
                    help="linear: multiscale linear head on the last 4 blocks; conv: UNet-like on 4 blocks; segmenter: "
                    "mask transformer; deeplabv3plus: with --backbone resnet50v1c (the CNN baseline)")
@@ -52,10 +44,7 @@ def parse_args(argv=None):
                    "(fitted on training pixels only) instead of the raw bands, e.g. 3")
     p.add_argument("--finetune", action="store_true", help="train the backbone too (default: frozen)")
     p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="backbone lr = lr x this, with --finetune")
-    p.add_argument("--labels-per-class", type=int, default=None, help="scenes: N labelled training pixels per class")
-    p.add_argument("--train-fraction", type=float, default=None, help="scenes: fraction of each class for training "
-                   "(default 0.1 unless --labels-per-class)")
-    p.add_argument("--split-seed", type=int, default=0)
+    add_split_args(p)
     p.add_argument("--loss", default="ce", choices=["ce", "focal"])
     p.add_argument("--focal-gamma", type=float, default=2.0)
     p.add_argument("--class-weights", default="none", choices=["none", "inverse", "sqrt-inverse"],
@@ -64,6 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--schedule", default="poly", choices=["poly", "step"], help="poly: warm-up then (1 - t)^0.9 "
+                   "(the segmentation standard); step: x0.1 at each of --lr-milestones (Lee & Kwon's transfer)")
+    p.add_argument("--lr-milestones", type=float, nargs="*", default=(0.6, 0.8), help="--schedule step: fractions "
+                   "of --steps")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="sgd: with --momentum")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -75,26 +69,9 @@ def parse_args(argv=None):
 
 
 def build_model(args, ds):
-    transformer = args.backbone not in ("pixel", "resnet50v1c", "cdcnn")
-    if args.backbone == "cdcnn" and not args.init:
-        return cross_domain_model(args, ds)
-    if args.init:
-        ckpt = common.load_checkpoint(args.init)
-        config = ckpt["backbone"]
-        if config["name"] == "cdcnn" or args.backbone == "cdcnn":
-            return cross_domain_model(args, ds, ckpt)
-        common.check_bands(config, ds.bands, args.init, ds.name)
-        if args.drop_path is not None:
-            config = {**config, "drop_path_rate": args.drop_path}
-        backbone = build_backbone(**config)
-        backbone.load_state_dict(common.backbone_weights(ckpt))
-        common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
-    else:
-        backbone = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
-                                  **({} if not transformer else
-                                     {"num_registers": args.registers, "ffn": args.ffn, "drop_path_rate": args.drop_path,
-                                      "spectral_patch": args.spectral_patch,
-                                      "wavelengths": None if args.pca else ds.wavelengths}))
+    if args.backbone == "cdcnn" or args.init and common.load_checkpoint(args.init)["backbone"]["name"] == "cdcnn":
+        return cross_domain_model(args, ds, common.load_checkpoint(args.init) if args.init else None)
+    backbone, _ = load_backbone(args, ds, drop_path_rate=args.drop_path)
     return SegmentationModel(backbone, args.decoder, ds.num_classes, frozen_backbone=not args.finetune)
 
 
@@ -103,13 +80,17 @@ def cross_domain_model(args, ds, ckpt=None):
     new classifier, both initialised N(0, 0.001); the shared trunk comes from `ckpt` (pretrain_contrast.py)
     or is random (scratch). The whole model is trained; `param_groups` gives the new layers 10x the
     trunk's lr."""
-    config = {} if ckpt is None else ckpt["backbone"]
+    config = {"depth": args.depth} if ckpt is None else ckpt["backbone"]
     if ckpt is not None and config["name"] != "cdcnn":
         raise ValueError(f"{args.init}: --backbone cdcnn needs a pretrain_contrast.py checkpoint, this one holds a "
                          f"{config['name']!r} backbone")
+    if ckpt is not None and args.depth not in (None, config["depth"]):
+        raise ValueError(f"{args.init}: --depth {args.depth} differs from the checkpoint's trunk ({config['depth']})")
     shape = {k: v for k, v in config.items() if k not in ("name", "in_chans")}  # width, depth
     backbone = build_backbone("cdcnn", in_chans={ds.name: ds.bands}, **shape)
-    if ckpt is not None:
+    if ckpt is not None and args.twin:
+        common.print0(f"random twin of {args.init}: cdcnn trunk {shape} with random weights")
+    elif ckpt is not None:
         trunk = {k[len("trunk."):]: v for k, v in common.backbone_weights(ckpt).items() if k.startswith("trunk.")}
         backbone.trunk.load_state_dict(trunk)
         common.print0(f"cdcnn trunk {shape} from {args.init} (step {ckpt['step']}, pre-trained on "
@@ -122,21 +103,21 @@ def cross_domain_model(args, ds, ckpt=None):
 
 
 def splits(args, ds, out, resume):
-    """(training dataset, evaluation dataset, evaluation label mask or None)."""
+    """(training dataset, evaluation dataset, evaluation label mask or None, kept classes or None)."""
     if ds.kind == "whu":
-        return ds, data.load_whu(args.data, "val", args.cache_dir), None
+        return ds, data.load_whu(args.data, "val", args.cache_dir), None, None
     split_path = os.path.join(out, "split.npz")
-    labels = data.scene_labels(ds)
     if resume:
-        train, test = data.load_split(split_path, labels.shape)
+        train, test, info = data.load_split(split_path, ds.rasters[0].image.shape[1:])
+        classes = info.get("classes")
+        ds = ds if classes is None else data.select_classes(ds, classes)
     else:
-        fraction = args.train_fraction if args.train_fraction is not None or args.labels_per_class else 0.1
-        train, test = data.sparse_split(labels, args.split_seed, args.labels_per_class, fraction)
+        ds, train, test, classes, info = split_scene(args, ds)
         if common.is_main():
-            data.save_split(split_path, train, test, seed=args.split_seed, per_class=args.labels_per_class,
-                            fraction=fraction)
-    common.print0(f"{ds.name}: {int(train.sum())} training / {int(test.sum())} held-out labelled pixels")
-    return data.with_labels(ds, train), ds, test
+            data.save_split(split_path, train, test, **info)
+    kept = "" if classes is None else f" of the {len(classes)} classes with >= {args.min_class_pixels} px"
+    common.print0(f"{ds.name}: {int(train.sum())} training / {int(test.sum())} held-out labelled pixels{kept}")
+    return data.with_labels(ds, train), ds, test, classes
 
 
 def param_groups(args, model):
@@ -209,8 +190,8 @@ def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
     def keep_first(r, pred, labels):
         if r == 0:
             pictures.append(np.concatenate([colorize(labels), colorize(pred)], axis=1))
-    m = evaluate(model, eval_ds, args.img_size, args.img_size // 4, args.eval_batch_size, device, dtype, mask,
-                 keep_first)
+    window = None if fully_convolutional(model.backbone.config) else args.img_size  # whole scene: no tile borders
+    m = evaluate(model, eval_ds, window, args.img_size // 4, args.eval_batch_size, device, dtype, mask, keep_first)
     logger.scalars(step, {f"eval/{k}": m[k] for k in ("oa", "aa", "miou", "miou_present", "kappa")})
     logger.image("eval/labels_vs_prediction", torch.from_numpy(pictures[0]).permute(2, 0, 1).float() / 255, step)
     return m
@@ -227,7 +208,7 @@ def train(args, rank, world, device):
     datasets = data.load_datasets(args.data, "tr", args.cache_dir)
     if len(datasets) != 1 or datasets[0].num_classes == 0:
         raise data.DataError(f"{args.data}: finetune_seg.py needs exactly one labelled dataset")
-    train_ds, eval_ds, eval_mask = splits(args, datasets[0], args.out, args.resume)
+    train_ds, eval_ds, eval_mask, classes = splits(args, datasets[0], args.out, args.resume)
     pca = add_pca(args, train_ds, eval_ds, train_ds.rasters[0].label > 0 if eval_mask is not None else None) \
         if args.pca else None
     model = build_model(args, train_ds).to(device)
@@ -240,7 +221,8 @@ def train(args, rank, world, device):
     optimizer = (common.sgd(groups, args.lr, args.momentum) if args.optimizer == "sgd"
                  else common.adamw(groups, args.lr, (0.9, 0.999), device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    lr_schedule = common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps)
+    lr_schedule = (common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps) if args.schedule == "poly"
+                   else common.step_schedule(args.lr, args.steps, args.lr_milestones))
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
     backbone_config = model.backbone.config
     start = common.resume(ckpt_path, rank, backbone_config, **state) if args.resume else 0
@@ -256,7 +238,7 @@ def train(args, rank, world, device):
     meters, best_path = common.Meters(), os.path.join(args.out, "best.pt")
     best = common.load_checkpoint(best_path)["val"]["miou"] if args.resume and os.path.isfile(best_path) else -1.0
     extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "blocks": model.blocks,
-                              "pca": None if pca is None else pca.tolist(),
+                              "pca": None if pca is None else pca.tolist(), "classes": classes,
                               "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone}}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
@@ -269,6 +251,9 @@ def train(args, rank, world, device):
             logits = ddp(x)
         loss = segmentation_loss(logits, y, weight, gamma, args.aux_weight)
         scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -289,6 +274,9 @@ def train(args, rank, world, device):
                                        ("model", "backbone."), {**extra, "val": metrics}, **state)
         if save:
             common.save_checkpoint(ckpt_path, done, args, backbone_config, ("model", "backbone."), extra, **state)
+    if common.is_main() and args.steps > start:  # the final evaluation, for scripts that collect results
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump({**metrics, "step": args.steps}, f, indent=1)
     logger.close()
 
 

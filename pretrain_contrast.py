@@ -8,7 +8,7 @@ multi-positive InfoNCE. Transfer with `finetune_seg.py --init <out>/ckpt.pt` (a 
 target scene, the trunk from here).
 
     python pretrain_contrast.py                           # every scene in ../shared/data but indian_pines
-    python pretrain_contrast.py --data a,b,c --region-size 7 --steps 5000 --out runs/contrast_p7
+    python pretrain_contrast.py --data a,b,c --region-size 7 --steps 2000 --out runs/contrast_p7
     torchrun --nproc_per_node 2 pretrain_contrast.py --out runs/contrast_ddp
 """
 import argparse
@@ -33,16 +33,17 @@ def parse_args(argv=None):
     p.add_argument("--exclude", default="indian_pines", help="scene folders left out when --data is a folder of "
                    "scenes, comma-separated: the downstream scene, so pre-training never sees it")
     p.add_argument("--region-size", type=int, default=5, help="p: one p x p region per scene and iteration")
-    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--temperature", type=float, default=0.07, help="InfoNCE temperature (the paper's 0.07)")
     p.add_argument("--width", type=int, default=128, help="channels of the first layers and the trunk")
     p.add_argument("--depth", type=int, default=5, help="residual modules (two 1x1 convs each) in the trunk")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=200, help="iterations (the paper's 200; longer runs are fine)")
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--lr-milestones", type=float, nargs="*", default=(0.6, 0.8),
                    help="fractions of the run where the lr is multiplied by 0.1")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.005)
-    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm; 0 = off. At initialisation the "
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm; 0 = off (the paper: none; our "
+                   "addition). At initialisation the "
                    "gradient norm is ~1e3 (temperature 0.1, p*p-1 positives summed) and unclipped steps at lr 0.03 "
                    "kill the ReLUs: every feature becomes the trunk's bias (pos_sim = neg_sim = 1)")
     p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True,

@@ -251,7 +251,7 @@ def test_sparse_split_reproducible_disjoint_and_saved(scene, cache_dir, tmp_path
         assert int((labels[frac] == c).sum()) == round(0.1 * (labels == c).sum())
     path = str(tmp_path / "split.npz")
     data.save_split(path, tr, te, seed=0, per_class=5)
-    l_tr, l_te = data.load_split(path, labels.shape)
-    assert (l_tr == tr).all() and (l_te == te).all()
+    l_tr, l_te, info = data.load_split(path, labels.shape)
+    assert (l_tr == tr).all() and (l_te == te).all() and info == {"seed": 0, "per_class": 5}
     with pytest.raises(DataError, match="split.npz"):
         data.load_split(path, (3, 3))
