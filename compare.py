@@ -7,7 +7,7 @@ difference of every row to its reference (same split seeds). Orchestration only:
     python compare.py --study ip_cd --modes finetune --budget "200/class, classes >= 400 px" --seeds 0,1,2,3,4 \\
         --config "scratch: --backbone cdcnn" --config "pre: --init runs/contrast/ckpt.pt" --reference scratch
 
-Configurations are `name: flags`; the flags go to every script a mode runs (finetune_seg.py for
+Configurations are `name: flags` (or `name vs other: flags` to pair the row with `other`); the flags go to every script a mode runs (finetune_seg.py for
 frozen-decoder/finetune, eval.py for knn/frozen-linear), so keep them to the backbone flags both take
 (--init, --twin, --backbone, --size, ...) and put trainer-only flags in --finetune-args. `--twins` adds
 `<name>-twin` (the checkpoint's backbone with random weights, trained identically) for every config with
@@ -68,17 +68,22 @@ def parse_configs(specs, twins):
     """['name: flags', ...] -> {name: [flags]} in order, plus {name: its twin's name}."""
     configs, pairs = {}, {}
     for spec in specs:
-        name, sep, flags = spec.partition(":")
-        name = name.strip()
-        if not sep or not re.fullmatch(r"[\w.+-]+", name):
-            raise SystemExit(f"--config {spec!r}: expected 'name: flags' with a name of letters, digits, ._+-")
+        head, sep, flags = spec.partition(":")
+        name, _, reference = (part.strip() for part in head.partition(" vs "))
+        if not sep or not re.fullmatch(r"[\w.+-]+", name) or (reference and not re.fullmatch(r"[\w.+-]+", reference)):
+            raise SystemExit(f"--config {spec!r}: expected 'name: flags' or 'name vs reference: flags', names of "
+                             "letters, digits, ._+-")
         if name in configs:
             raise SystemExit(f"--config: the name {name!r} is used twice")
         configs[name] = shlex.split(flags)
-    for name, flags in list(configs.items()):
-        if twins and "--init" in flags and "--twin" not in flags:
-            configs[f"{name}-twin"], pairs[name] = flags + ["--twin"], f"{name}-twin"
-    return configs, pairs
+        if reference:
+            pairs[name] = reference
+    ordered = {}
+    for name, flags in configs.items():
+        ordered[name] = flags
+        if twins and "--init" in flags and "--twin" not in flags and name not in pairs:
+            ordered[f"{name}-twin"], pairs[name] = flags + ["--twin"], f"{name}-twin"  # listed next to its row
+    return ordered, pairs
 
 
 def parse_budget(label):
@@ -205,8 +210,9 @@ def main(argv=None):
     args = parse_args(argv)
     args.budget = args.budget or ["5/class", "10/class"]
     configs, pairs = parse_configs(args.config, args.twins)
-    if args.reference and args.reference not in configs:
-        raise SystemExit(f"--reference {args.reference!r} is not a configuration ({', '.join(configs)})")
+    for ref in [args.reference] + list(pairs.values()):
+        if ref and ref not in configs:
+            raise SystemExit(f"reference {ref!r} is not a configuration ({', '.join(configs)})")
     todo = cells(args, configs)
     if args.dry_run:
         for c in todo:

@@ -57,6 +57,8 @@ def test_budget_labels_and_twins_are_parsed():
         compare.parse_budget("lots")
     configs, pairs = compare.parse_configs(["mae: --init a.pt", "pixel: --backbone pixel"], twins=True)
     assert configs["mae-twin"] == ["--init", "a.pt", "--twin"] and pairs == {"mae": "mae-twin"}
+    configs, pairs = compare.parse_configs(["p2 vs mae-twin: --init b.pt"], twins=True)
+    assert configs == {"p2": ["--init", "b.pt"]} and pairs == {"p2": "mae-twin"}  # an explicit partner, no twin
 
 
 def test_runner_writes_results_and_skips_finished_cells(tmp_path, cache_dir, monkeypatch):
