@@ -58,7 +58,8 @@ STUDY_BATCH = {("mae", "vit"): 128, ("mae", "ssvit"): 64, ("mae", "sst"): 64, ("
 
 def mae_case(args, backbone, B, device):
     targs = pretrain_mae.parse_args(["--backbone", backbone, "--size", args.size])
-    model = pretrain_mae.build_model(targs, SimpleNamespace(bands=args.bands, wavelengths=wavelengths(args))).to(device)
+    ds = SimpleNamespace(bands=args.bands, wavelengths=wavelengths(args), band_info=None)
+    model = pretrain_mae.build_model(targs, ds).to(device)
     x = torch.randn(B, args.bands, 64, 64, device=device)
     return model, model.parameters(), lambda m: m(x)[0], model.flops_per_image()
 

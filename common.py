@@ -230,13 +230,20 @@ def resume(path, rank, backbone, **stateful):
     return ckpt["step"]
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
+    """mmap=True maps the tensors instead of reading them (to look at a big checkpoint's config)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no checkpoint there")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated/corrupt files
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def checkpoint_bands(path):
+    """The file bands a checkpoint's backbone reads (data.HSIDataset.band_info), so that new data is read
+    with the same bands; None without a checkpoint or when it does not record them."""
+    return None if path is None else load_checkpoint(path, mmap=True)["backbone"].get("bands")
 
 
 def backbone_weights(ckpt):
@@ -256,12 +263,25 @@ def check_bands(config, bands, path, data_name="the data"):
 
 
 def check_config(saved, current, path):
-    """Refuse a checkpoint whose model config differs, naming the difference (band count first)."""
+    """Refuse a checkpoint whose model config differs, naming the difference (band count first). Older
+    checkpoints that do not record the bands read are compared without them."""
     check_bands(saved, current["in_chans"], path)
+    if "bands" not in saved:
+        current = {k: v for k, v in current.items() if k != "bands"}
     diffs = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
     if diffs:
-        text = ", ".join(f"{k}: checkpoint {s!r} vs now {c!r}" for k, (s, c) in sorted(diffs.items()))
+        text = ", ".join(_band_diff(s, c) if k == "bands" else f"{k}: checkpoint {s!r} vs now {c!r}"
+                         for k, (s, c) in sorted(diffs.items()))
         raise ValueError(f"{path}: checkpoint model config does not match ({text})")
+
+
+def _band_diff(saved, current):
+    """The bands read, checkpoint vs now: which band indices only one of them reads."""
+    a, b = set((saved or {}).get("ids") or []), set((current or {}).get("ids") or [])
+    if a == b:
+        return "bands: same band indices, different wavelengths"
+    return (f"bands: the checkpoint reads {len(a)} bands, the data now {len(b)}; only the checkpoint reads "
+            f"{sorted(a - b)[:20]}, only the data {sorted(b - a)[:20]} (changed bad_bands or nodata?)")
 
 
 def restore_rng(states, rank):

@@ -248,7 +248,7 @@ def load_eval_data(args, ckpt):
     split = {"test": "ts", "train": "tr"}.get(args.split, args.split)
     if split not in data.WHU_SPLITS:
         raise ValueError(f"--split must be val, ts/test or tr/train, got {args.split!r}")
-    ds = data.load_dataset(spec, split, args.cache_dir or train_args.get("cache_dir"))
+    ds = data.load_dataset(spec, split, args.cache_dir or train_args.get("cache_dir"), ckpt["backbone"].get("bands"))
     if ds.kind != "scene" or "segmentation" not in ckpt:
         return ds, None
     if split == "val":

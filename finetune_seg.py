@@ -90,7 +90,7 @@ def build_model(args, ds):
         backbone.load_state_dict(common.backbone_weights(ckpt))
         common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
     else:
-        backbone = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
+        backbone = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size, bands=ds.band_info,
                                   **({} if not transformer else
                                      {"num_registers": args.registers, "ffn": args.ffn, "drop_path_rate": args.drop_path,
                                       "spectral_patch": args.spectral_patch,
@@ -124,7 +124,7 @@ def cross_domain_model(args, ds, ckpt=None):
 def splits(args, ds, out, resume):
     """(training dataset, evaluation dataset, evaluation label mask or None)."""
     if ds.kind == "whu":
-        return ds, data.load_whu(args.data, "val", args.cache_dir), None
+        return ds, data.load_whu(args.data, "val", args.cache_dir, common.checkpoint_bands(args.init)), None
     split_path = os.path.join(out, "split.npz")
     labels = data.scene_labels(ds)
     if resume:
@@ -224,7 +224,7 @@ def train(args, rank, world, device):
     common.seed_everything(args.seed, rank)
     dtype = common.resolve_dtype(args.dtype, device)
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
-    datasets = data.load_datasets(args.data, "tr", args.cache_dir)
+    datasets = data.load_datasets(args.data, "tr", args.cache_dir, common.checkpoint_bands(args.init))
     if len(datasets) != 1 or datasets[0].num_classes == 0:
         raise data.DataError(f"{args.data}: finetune_seg.py needs exactly one labelled dataset")
     train_ds, eval_ds, eval_mask = splits(args, datasets[0], args.out, args.resume)
