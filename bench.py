@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--loader", action="store_true", help="measure the data pipeline instead (needs --data)")
     p.add_argument("--data", default="data/indian_pines")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    common.add_debug_arg(p)
     return p.parse_args(argv)
 
 
@@ -183,7 +184,11 @@ def bench_loader(args):
             print(f"| {name} | {workers} | {n / (time.perf_counter() - t0):.0f} |", flush=True)
 
 
-if __name__ == "__main__":
-    a = parse_args()
+def main(argv=None):
+    a = parse_args(argv)
     np.set_printoptions(precision=3)
     bench_loader(a) if a.loader else bench_models(a)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

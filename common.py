@@ -5,6 +5,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 import time
 from contextlib import nullcontext
 
@@ -46,6 +47,31 @@ def add_run_args(parser, out):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100)
+    add_debug_arg(p)
+
+
+def add_debug_arg(parser):
+    parser.add_argument("--debug", action="store_true", help="on an error in the input, show the Python traceback "
+                        "instead of the one-line message (also: HSI_SSL_DEBUG=1)")
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)  # data.DataError is a ValueError
+
+
+def run_cli(main):
+    """Every script's entry point: main() runs; a mistake in the input (bad data, a missing file, a
+    checkpoint that does not fit, a diverged run) prints `error: <message>` on one line to stderr and exits
+    with status 2, without a traceback. `--debug` or HSI_SSL_DEBUG=1 lets the exception through."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        if "--debug" in sys.argv[1:] or os.environ.get("HSI_SSL_DEBUG", "0") not in ("", "0"):
+            raise
+        from data import DataError  # lazy: common.py does not depend on data.py
+        hint = " (--debug for the traceback)" if isinstance(e, ValueError) and not isinstance(e, DataError) else ""
+        print(f"error: {e}{hint}", file=sys.stderr, flush=True)
+        cleanup_distributed()
+        sys.exit(2)
 
 
 def launch(train, args):

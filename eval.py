@@ -274,6 +274,7 @@ def parse_args(argv=None):
     p.add_argument("--pictures", type=int, default=4, help="rasters (or attention windows) to draw")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
+    common.add_debug_arg(p)
     return p.parse_args(argv)
 
 
@@ -320,4 +321,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)
