@@ -1,6 +1,7 @@
 """Hyperspectral data: readers for WHU-OHS and scene folders, band validity (bad and all-nodata bands
 dropped), per-band float32 normalisation, tiling, HSI augmentations, sparse-label splits and the
-step-indexed loader every trainer uses.
+step-indexed loader every trainer uses. Other file formats (ENVI, MATLAB .mat, GeoTIFF products) are
+converted to scene folders by formats.py.
 
 Reflectance is never quantised and tiles are cut, never resized: a 64x64 training tile is a 64x64 window of
 the 512x512 WHU-OHS tile. Decoded rasters are cached as .npy (or the TIFF itself is memory-mapped when it
@@ -34,6 +35,7 @@ FILL_BELOW_REFLECTANCE = -0.1  # physically impossible: such pixels are fill val
 STATS_MAX_RASTERS = 256        # mean/std from at most this many rasters (WHU-OHS has 4822 training tiles)
 STATS_BLOCK_VALUES = 1 << 22   # values per block read for statistics (bounds the memory used)
 WAVELENGTH_TOLERANCE_NM = 5.0  # a checkpoint's bands and the data's may differ this much (calibration drift)
+FILE_EXTENSIONS = (".hdr", ".mat", ".tif", ".tiff", ".img", ".dat", ".bsq", ".bil", ".bip", ".raw", ".npy")
 
 
 class DataError(ValueError):
@@ -307,6 +309,9 @@ def _same_file_bands(datasets):
 def load_dataset(path, split="tr", cache_dir=None, bands=None, why="the checkpoint's band list"):
     """A WHU-OHS split or a scene folder. `bands` (a checkpoint's band_info) fixes the bands read; `why`
     says where that list comes from in the printed line."""
+    if os.path.isfile(path) and path.lower().endswith(FILE_EXTENSIONS):
+        raise DataError(f"{path}: a file, not a scene folder; convert it first: "
+                        f"python formats.py {path} --out <scene folder> (README: Bring your own scene)")
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such folder")
     if os.path.isfile(os.path.join(path, "image.tif")):

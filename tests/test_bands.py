@@ -106,6 +106,8 @@ def test_meta_and_band_errors(tmp_path, cache_dir):
     with pytest.raises(DataError, match=r"h: no valid pixels to compute band statistics from: .*bands are 0 \(50.0% "
                                         r"valid\), 1 \(50.0% valid\); list bands to leave out in bad_bands"):
         data.load_dataset(halves, cache_dir=cache_dir)
+    with pytest.raises(DataError, match=r"image.tif: a file, not a scene folder; convert it first: python formats.py"):
+        data.load_dataset(os.path.join(halves, "image.tif"), cache_dir=cache_dir)
 
 
 def test_products_of_one_sensor_are_read_with_their_shared_bands(tmp_path, cache_dir, capsys):

@@ -13,6 +13,7 @@ SCRIPTS = [
     ("finetune_seg.py", ["--data", "/nonexistent", "--out", "{tmp}/r"], "/nonexistent: no such folder"),
     ("eval.py", ["--ckpt", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt: no checkpoint there"),
     ("bench.py", ["--loader", "--data", "/nonexistent"], "/nonexistent: no such folder"),
+    ("formats.py", ["/nonexistent.hdr", "--out", "{tmp}/r"], "/nonexistent.hdr: no such file"),
 ]
 
 
