@@ -4,6 +4,7 @@ PYTHON ?= python3
 install:
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -r requirements.txt
+	$(PYTHON) -m pip install -r requirements-formats.txt   # optional: .mat scenes in formats.py
 
 test:
 	$(PYTHON) -m pytest

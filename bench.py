@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--loader", action="store_true", help="measure the data pipeline instead (needs --data)")
     p.add_argument("--data", default="data/indian_pines")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    common.add_debug_arg(p)
     return p.parse_args(argv)
 
 
@@ -58,7 +59,8 @@ STUDY_BATCH = {("mae", "vit"): 128, ("mae", "ssvit"): 64, ("mae", "sst"): 64, ("
 
 def mae_case(args, backbone, B, device):
     targs = pretrain_mae.parse_args(["--backbone", backbone, "--size", args.size])
-    model = pretrain_mae.build_model(targs, SimpleNamespace(bands=args.bands, wavelengths=wavelengths(args))).to(device)
+    ds = SimpleNamespace(bands=args.bands, wavelengths=wavelengths(args), band_info=None)
+    model = pretrain_mae.build_model(targs, ds).to(device)
     x = torch.randn(B, args.bands, 64, 64, device=device)
     return model, model.parameters(), lambda m: m(x)[0], model.flops_per_image()
 
@@ -182,7 +184,11 @@ def bench_loader(args):
             print(f"| {name} | {workers} | {n / (time.perf_counter() - t0):.0f} |", flush=True)
 
 
-if __name__ == "__main__":
-    a = parse_args()
+def main(argv=None):
+    a = parse_args(argv)
     np.set_printoptions(precision=3)
     bench_loader(a) if a.loader else bench_models(a)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 import time
 from contextlib import nullcontext
 
@@ -46,6 +47,31 @@ def add_run_args(parser, out):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100)
+    add_debug_arg(p)
+
+
+def add_debug_arg(parser):
+    parser.add_argument("--debug", action="store_true", help="on an error in the input, show the Python traceback "
+                        "instead of the one-line message (also: HSI_SSL_DEBUG=1)")
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)  # data.DataError is a ValueError
+
+
+def run_cli(main):
+    """Every script's entry point: main() runs; a mistake in the input (bad data, a missing file, a
+    checkpoint that does not fit, a diverged run) prints `error: <message>` on one line to stderr and exits
+    with status 2, without a traceback. `--debug` or HSI_SSL_DEBUG=1 lets the exception through."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        if "--debug" in sys.argv[1:] or os.environ.get("HSI_SSL_DEBUG", "0") not in ("", "0"):
+            raise
+        from data import DataError  # lazy: common.py does not depend on data.py
+        hint = " (--debug for the traceback)" if isinstance(e, ValueError) and not isinstance(e, DataError) else ""
+        print(f"error: {e}{hint}", file=sys.stderr, flush=True)
+        cleanup_distributed()
+        sys.exit(2)
 
 
 def launch(train, args):
@@ -230,13 +256,20 @@ def resume(path, rank, backbone, **stateful):
     return ckpt["step"]
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
+    """mmap=True maps the tensors instead of reading them (to look at a big checkpoint's config)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no checkpoint there")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated/corrupt files
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def checkpoint_bands(path):
+    """The file bands a checkpoint's backbone reads (data.HSIDataset.band_info), so that new data is read
+    with the same bands; None without a checkpoint or when it does not record them."""
+    return None if path is None else load_checkpoint(path, mmap=True)["backbone"].get("bands")
 
 
 def backbone_weights(ckpt):
@@ -256,12 +289,25 @@ def check_bands(config, bands, path, data_name="the data"):
 
 
 def check_config(saved, current, path):
-    """Refuse a checkpoint whose model config differs, naming the difference (band count first)."""
+    """Refuse a checkpoint whose model config differs, naming the difference (band count first). Older
+    checkpoints that do not record the bands read are compared without them."""
     check_bands(saved, current["in_chans"], path)
+    if "bands" not in saved:
+        current = {k: v for k, v in current.items() if k != "bands"}
     diffs = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
     if diffs:
-        text = ", ".join(f"{k}: checkpoint {s!r} vs now {c!r}" for k, (s, c) in sorted(diffs.items()))
+        text = ", ".join(_band_diff(s, c) if k == "bands" else f"{k}: checkpoint {s!r} vs now {c!r}"
+                         for k, (s, c) in sorted(diffs.items()))
         raise ValueError(f"{path}: checkpoint model config does not match ({text})")
+
+
+def _band_diff(saved, current):
+    """The bands read, checkpoint vs now: which band indices only one of them reads."""
+    a, b = set((saved or {}).get("ids") or []), set((current or {}).get("ids") or [])
+    if a == b:
+        return "bands: same band indices, different wavelengths"
+    return (f"bands: the checkpoint reads {len(a)} bands, the data now {len(b)}; only the checkpoint reads "
+            f"{sorted(a - b)[:20]}, only the data {sorted(b - a)[:20]} (changed bad_bands or nodata?)")
 
 
 def restore_rng(states, rank):

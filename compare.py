@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+import common
+
 METRICS = ("oa", "aa", "miou", "kappa")
 MODES = {  # mode -> (script, flags it adds)
     "knn": ("eval.py", ["--probe", "knn"]),
@@ -61,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default="runs/compare")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--dry-run", action="store_true", help="print the cells' commands and what is finished")
+    common.add_debug_arg(p)
     return p.parse_args(argv)
 
 
@@ -71,10 +74,10 @@ def parse_configs(specs, twins):
         head, sep, flags = spec.partition(":")
         name, _, reference = (part.strip() for part in head.partition(" vs "))
         if not sep or not re.fullmatch(r"[\w.+-]+", name) or (reference and not re.fullmatch(r"[\w.+-]+", reference)):
-            raise SystemExit(f"--config {spec!r}: expected 'name: flags' or 'name vs reference: flags', names of "
+            raise ValueError(f"--config {spec!r}: expected 'name: flags' or 'name vs reference: flags', names of "
                              "letters, digits, ._+-")
         if name in configs:
-            raise SystemExit(f"--config: the name {name!r} is used twice")
+            raise ValueError(f"--config: the name {name!r} is used twice")
         configs[name] = shlex.split(flags)
         if reference:
             pairs[name] = reference
@@ -92,7 +95,7 @@ def parse_budget(label):
     rest = label.split(",", 1)[1].strip() if "," in label else ""
     keep = re.fullmatch(r"classes >= (\d+) px", rest)
     if not m or (rest and not keep):
-        raise SystemExit(f"--budget {label!r}: expected 'N/class' or 'P%', optionally ', classes >= M px'")
+        raise ValueError(f"--budget {label!r}: expected 'N/class' or 'P%', optionally ', classes >= M px'")
     flags = ["--labels-per-class", m.group(1)] if m.group(1) else ["--train-fraction", str(float(m.group(2)) / 100)]
     slug = f"{m.group(1)}-per-class" if m.group(1) else f"{m.group(2)}pct"
     if keep:
@@ -106,7 +109,7 @@ def cells(args, configs):
     for name, flags in configs.items():
         for mode in args.modes.split(","):
             if mode not in MODES:
-                raise SystemExit(f"--modes: unknown mode {mode!r}; available: {', '.join(MODES)}")
+                raise ValueError(f"--modes: unknown mode {mode!r}; available: {', '.join(MODES)}")
             script, mode_flags = MODES[mode]
             extra = shlex.split(args.probe_args if script == "eval.py" else args.finetune_args)
             for label in args.budget:
@@ -142,7 +145,7 @@ def run_cell(cell, args):
         with open(os.path.join(where, "log.txt"), "w") as log:
             proc = subprocess.run([sys.executable, script] + argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
-            raise SystemExit(f"cell {name}/{mode}/{label}/seed {seed} failed (exit {proc.returncode}); see "
+            raise ValueError(f"cell {name}/{mode}/{label}/seed {seed} failed (exit {proc.returncode}); see "
                              f"{os.path.join(where, 'log.txt')}")
     with open(os.path.join(where, "metrics.json" if script == "eval.py" else "eval.json")) as f:
         m = json.load(f)
@@ -212,7 +215,7 @@ def main(argv=None):
     configs, pairs = parse_configs(args.config, args.twins)
     for ref in [args.reference] + list(pairs.values()):
         if ref and ref not in configs:
-            raise SystemExit(f"reference {ref!r} is not a configuration ({', '.join(configs)})")
+            raise ValueError(f"reference {ref!r} is not a configuration ({', '.join(configs)})")
     todo = cells(args, configs)
     if args.dry_run:
         for c in todo:
@@ -243,4 +246,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -1,5 +1,7 @@
-"""Hyperspectral data: readers for WHU-OHS and scene folders, per-band float32 normalisation, tiling,
-HSI augmentations, sparse-label splits and the step-indexed loader every trainer uses.
+"""Hyperspectral data: readers for WHU-OHS and scene folders, band validity (bad and all-nodata bands
+dropped), per-band float32 normalisation, tiling, HSI augmentations, sparse-label splits and the
+step-indexed loader every trainer uses. Other file formats (ENVI, MATLAB .mat, GeoTIFF products) are
+converted to scene folders by formats.py.
 
 Reflectance is never quantised and tiles are cut, never resized: a 64x64 training tile is a 64x64 window of
 the 512x512 WHU-OHS tile. Decoded rasters are cached as .npy (or the TIFF itself is memory-mapped when it
@@ -11,11 +13,12 @@ import logging
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tifffile
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -1
@@ -30,10 +33,19 @@ WHU_CLASS_NAMES = ["paddy field", "dry farm", "woodland", "shrubbery", "sparse w
                    "bare rock", "ocean"]
 FILL_BELOW_REFLECTANCE = -0.1  # physically impossible: such pixels are fill values, not dark targets
 STATS_MAX_RASTERS = 256        # mean/std from at most this many rasters (WHU-OHS has 4822 training tiles)
+STATS_BLOCK_VALUES = 1 << 22   # values per block read for statistics (bounds the memory used)
+WAVELENGTH_TOLERANCE_NM = 5.0  # a checkpoint's bands and the data's may differ this much (calibration drift)
+FILE_EXTENSIONS = (".hdr", ".mat", ".tif", ".tiff", ".img", ".dat", ".bsq", ".bil", ".bip", ".raw", ".npy")
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file or folder and the problem."""
+
+
+def print0(*args):
+    """Print on rank 0 only (data.py does not depend on common.py)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
 
 
 def default_cache_dir():
@@ -169,47 +181,73 @@ class HSIDataset:
     rasters: list
     num_classes: int
     class_names: list
-    wavelengths: list = None
+    wavelengths: list = None      # nm, one per band read (band_ids), or None when unknown
     value_scale: float = None     # raw value x value_scale = reflectance; None when unknown
     nodata: float = None
     signed_view: bool = False     # WHU-OHS uint16 files hold int16 reflectance: view, never wrap
     kind: str = "scene"           # "scene" (one raster, sparse labels) or "whu" (tiles with dense labels)
+    band_ids: list = None         # the file's bands that are read (0-based), bad and all-nodata ones left out
     mean: np.ndarray = field(default=None, repr=False)
     std: np.ndarray = field(default=None, repr=False)
     pca: np.ndarray = field(default=None, repr=False)  # (k, C) projection of normalised bands, see fit_pca
 
     @property
-    def raw_bands(self):
+    def file_bands(self):
         return self.rasters[0].image.shape[0]
+
+    @property
+    def raw_bands(self):
+        """Bands read from the file (bad and all-nodata ones dropped), before any PCA."""
+        return self.file_bands if self.band_ids is None else len(self.band_ids)
 
     @property
     def bands(self):
         """Channels a model sees: the raw bands, or the principal components with PCA."""
         return self.raw_bands if self.pca is None else self.pca.shape[0]
 
-    def physical(self, raw, out=None):
-        """Raw integers -> float32 (reflectance where the scale is known), written into `out`, and a
-        (H, W) mask of valid pixels (None when all are valid, the common case, to skip the masking)."""
+    @property
+    def band_info(self):
+        """What a checkpoint records about its input (build_backbone(bands=...)), so that the next product
+        of the same sensor is read with the same bands: the file's band indices and their wavelengths."""
+        ids = list(range(self.file_bands)) if self.band_ids is None else [int(i) for i in self.band_ids]
+        return {"ids": ids, "wavelengths": None if self.wavelengths is None else [float(w) for w in self.wavelengths]}
+
+    def read(self, index, y0, y1, x0, x1):
+        """Raw values of the bands read, (C, y1 - y0, x1 - x0), from raster `index`."""
+        image = self.rasters[index].image
+        if self.band_ids is None or len(self.band_ids) == image.shape[0]:
+            return image[:, y0:y1, x0:x1]
+        return image[np.asarray(self.band_ids), y0:y1, x0:x1]
+
+    def physical(self, raw, out=None, per_value=False):
+        """Raw values -> float32 (reflectance where the scale is known), written into `out`, and a (H, W)
+        mask of valid pixels (None when all are valid, the common case, to skip the masking). A pixel is
+        invalid when any band read is nodata, NaN/inf or fill (reflectance below -0.1). per_value=True:
+        the mask is (C, H, W) of *invalid values* instead (None when there are none)."""
         if self.signed_view and raw.dtype == np.uint16:
             raw = raw.view(np.int16)
         out = np.empty(raw.shape, np.float32) if out is None else out
         np.copyto(out, raw, casting="unsafe")
         invalid = None
         if self.nodata is not None:
-            invalid = (raw == self.nodata).any(0)
+            invalid = raw == self.nodata
+        if raw.dtype.kind == "f":
+            nonfinite = ~np.isfinite(raw)
+            invalid = nonfinite if invalid is None else invalid | nonfinite
         if self.value_scale is not None:
             out *= self.value_scale
-            fill = (out < FILL_BELOW_REFLECTANCE).any(0)
+            fill = out < FILL_BELOW_REFLECTANCE
             invalid = fill if invalid is None else invalid | fill
-        if invalid is not None and not invalid.any():
-            invalid = None
-        return out, (None if invalid is None else ~invalid)
+        if invalid is None or not invalid.any():
+            return out, None
+        return out, (invalid if per_value else ~invalid.any(0))
 
     def crop(self, index, y, x, h, w):
         """A (C, h, w) float32 window in physical units and its (h, w) int64 labels (IGNORE_INDEX where
         unlabelled or invalid). Invalid pixels, and windows reaching past the border, get the band means."""
         r = self.rasters[index]
-        C, H, W = r.image.shape
+        _, H, W = r.image.shape
+        C = self.raw_bands
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
         img = np.empty((C, h, w), np.float32)
         lab = np.full((h, w), IGNORE_INDEX, np.int64)
@@ -218,7 +256,7 @@ class HSIDataset:
         if y1 <= y0 or x1 <= x0:
             return img, lab
         sub = img[:, y0 - y:y1 - y, x0 - x:x1 - x]
-        _, valid = self.physical(r.image[:, y0:y1, x0:x1], out=sub)
+        _, valid = self.physical(self.read(index, y0, y1, x0, x1), out=sub)
         if valid is not None:
             sub[:, ~valid] = self.mean[:, None]
         if r.label is not None:
@@ -238,29 +276,97 @@ class HSIDataset:
         return img
 
 
-def load_datasets(spec, split="tr", cache_dir=None):
-    """`spec`: one folder or a comma-separated list; each a WHU-OHS root or a scene folder."""
+def load_datasets(spec, split="tr", cache_dir=None, bands=None):
+    """`spec`: one folder or a comma-separated list; each a WHU-OHS root or a scene folder. `bands`: a
+    checkpoint's band_info, to read exactly the bands it was trained on. Without it, several products of
+    one sensor (same band count in the file) whose dead bands differ are all read with the bands valid in
+    every one of them, so that one model reads them all."""
     paths = [p.strip() for p in spec.split(",") if p.strip()]
     if not paths:
         raise DataError("--data is empty")
-    return [load_dataset(p, split, cache_dir) for p in paths]
+    datasets = [load_dataset(p, split, cache_dir, bands) for p in paths]
+    if bands is None:
+        for group in _same_file_bands(datasets):
+            shared = sorted(set.intersection(*(set(datasets[i].band_info["ids"]) for i in group)))
+            if all(datasets[i].band_info["ids"] == shared for i in group):
+                continue
+            names = ", ".join(datasets[i].name for i in group)
+            if not shared:
+                raise DataError(f"{spec}: {names} have no band that is valid in all of them")
+            why = f"the bands valid in all of {names}"
+            for i in group:
+                datasets[i] = load_dataset(paths[i], split, cache_dir, {"ids": shared, "wavelengths": None}, why)
+    return datasets
 
 
-def load_dataset(path, split="tr", cache_dir=None):
+def _same_file_bands(datasets):
+    groups = {}
+    for i, ds in enumerate(datasets):
+        groups.setdefault(ds.file_bands, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def load_dataset(path, split="tr", cache_dir=None, bands=None, why="the checkpoint's band list"):
+    """A WHU-OHS split or a scene folder. `bands` (a checkpoint's band_info) fixes the bands read; `why`
+    says where that list comes from in the printed line."""
+    if os.path.isfile(path) and path.lower().endswith(FILE_EXTENSIONS):
+        raise DataError(f"{path}: a file, not a scene folder; convert it first: "
+                        f"python formats.py {path} --out <scene folder> (README: Bring your own scene)")
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such folder")
     if os.path.isfile(os.path.join(path, "image.tif")):
-        return load_scene(path, cache_dir)
+        return load_scene(path, cache_dir, bands, why)
     if any(os.path.isdir(os.path.join(path, s)) for s in WHU_SPLITS):
-        return load_whu(path, split, cache_dir)
+        return load_whu(path, split, cache_dir, bands, why)
     raise DataError(f"{path}: neither a scene folder (image.tif) nor a WHU-OHS root (tr/ val/ ts/)")
 
 
-def load_scene(path, cache_dir=None):
+def read_meta(path):
+    """A scene's meta.json (README: Bring your own scene), its fields type-checked; {} when absent."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        meta = _read_json(path)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    number = (int, float)
+    for key, ok, what in [("nodata", lambda v: isinstance(v, number), "a number"),
+                          ("value_scale", lambda v: isinstance(v, number) and v > 0, "a positive number"),
+                          ("wavelengths_nm", lambda v: isinstance(v, list) and all(isinstance(x, number) for x in v),
+                           "a list of numbers"),
+                          ("fwhm_nm", lambda v: isinstance(v, list) and all(isinstance(x, number) for x in v),
+                           "a list of numbers"),
+                          ("bad_bands", lambda v: isinstance(v, list) and all(isinstance(x, int) for x in v),
+                           "a list of 0-based band indices"),
+                          ("class_names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                           "a list of strings")]:
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not ok(v)):
+            raise DataError(f"{path}: {key} must be {what} or null, got {json.dumps(v)[:80]}")
+    return meta
+
+
+def _per_band(meta, key, meta_path, bands, bad):
+    """meta[key] (wavelengths_nm, fwhm_nm) as one value per band of the file: it may list every band, or
+    only the bands left after bad_bands (then the bad ones get None)."""
+    v = meta.get(key)
+    if v is None or len(v) == bands:
+        return v
+    if bad and len(v) == bands - len(bad):
+        it = iter(v)
+        return [None if b in bad else next(it) for b in range(bands)]
+    after = f" ({bands - len(bad)} after dropping the {len(bad)} bad_bands)" if bad else ""
+    raise DataError(f"{meta_path}: {len(v)} {key} for an image with {bands} bands{after}")
+
+
+def load_scene(path, cache_dir=None, bands=None, why="the checkpoint's band list"):
     meta_path = os.path.join(path, "meta.json")
-    meta = _read_json(meta_path) if os.path.isfile(meta_path) else {}
+    meta = read_meta(meta_path)
     cache = RasterCache(path, cache_dir)
-    image, _ = cache.open(os.path.join(path, "image.tif"))
+    image_path = os.path.join(path, "image.tif")
+    image, _ = cache.open(image_path)
     gt_path, label, num_classes = os.path.join(path, "gt.tif"), None, 0
     names = list(meta.get("class_names") or [])
     if os.path.isfile(gt_path):
@@ -269,24 +375,29 @@ def load_scene(path, cache_dir=None):
         num_classes = len(names) or entry["label_max"]
         names = names or [f"class {i + 1}" for i in range(num_classes)]
     cache.save()
-    wl = meta.get("wavelengths_nm")
-    if wl is not None and len(wl) != image.shape[0]:
-        raise DataError(f"{meta_path}: {len(wl)} wavelengths for an image with {image.shape[0]} bands")
+    bad = sorted(set(meta.get("bad_bands") or []))
+    if bad and (bad[0] < 0 or bad[-1] >= image.shape[0]):
+        raise DataError(f"{meta_path}: bad_bands must be 0-based band indices 0 .. {image.shape[0] - 1}, "
+                        f"got {bad[0] if bad[0] < 0 else bad[-1]}")
+    wl = _per_band(meta, "wavelengths_nm", meta_path, image.shape[0], bad)
+    _per_band(meta, "fwhm_nm", meta_path, image.shape[0], bad)
     ds = HSIDataset(meta.get("name") or os.path.basename(os.path.abspath(path)),
-                    [Raster(os.path.join(path, "image.tif"), image, label)], num_classes, names, wl,
+                    [Raster(image_path, image, label)], num_classes, names, wl,
                     meta.get("value_scale"), meta.get("nodata"))
-    ds.mean, ds.std = band_stats(ds, cache)
+    choose_bands(ds, cache, bad, bands, why)
     return ds
 
 
-def load_whu(root, split="tr", cache_dir=None):
+def load_whu(root, split="tr", cache_dir=None, bands=None, why="the checkpoint's band list"):
     if split not in WHU_SPLITS:
         raise DataError(f"{root}: WHU-OHS split must be one of {WHU_SPLITS}, got {split!r}")
     cache = RasterCache(root, cache_dir)
     ds = _whu_split(root, split, cache)
-    # Every split is normalised with the training split's statistics.
+    # Every split is normalised with the training split's statistics (and reads the training split's bands).
     stats_from = ds if split == "tr" else _whu_split(root, "tr", cache)
-    ds.mean, ds.std = band_stats(stats_from, cache)
+    choose_bands(stats_from, cache, (), bands, why)
+    for attr in ("band_ids", "wavelengths", "mean", "std"):
+        setattr(ds, attr, getattr(stats_from, attr))
     cache.save()
     return ds
 
@@ -322,32 +433,144 @@ def _check_label(path, entry, image_hw, num_classes):
                         f"found {entry['label_min']} .. {entry['label_max']}")
 
 
-def band_stats(ds, cache):
-    """Per-band mean/std in float32 over valid pixels, computed once and cached beside the rasters."""
-    rasters = ds.rasters
+# ----------------------------------------------------------------------------- band validity and statistics
+
+def choose_bands(ds, cache, bad_bands=(), bands=None, why="the checkpoint's band list"):
+    """Decide which of the file's bands ds reads and their per-band mean/std over valid pixels; sets
+    ds.band_ids, ds.wavelengths (of those bands), ds.mean and ds.std. Cached beside the rasters.
+
+    Without `bands`: every band except those flagged in `bad_bands` and those with no valid value at all
+    (nodata, NaN or fill in every pixel: a dead band, normal in a product, not an error), and one printed
+    line names the dropped bands. A pixel is then invalid only when a band that is read is invalid there.
+    With `bands` (a checkpoint's band_info): exactly those bands; one of them without a valid value is an
+    error, and wavelengths more than WAVELENGTH_TOLERANCE_NM away from the checkpoint's get a warning."""
+    C, bad = ds.file_bands, sorted(set(bad_bands))
+    if bands is not None and not all(0 <= i < C for i in bands["ids"]):
+        # Another sensor: read the data's own bands; the caller's band count check says what does not fit.
+        print0(f"warning: {ds.name}: {why} reads bands up to {max(bands['ids'])}, but this data has {C}; "
+               "reading its own bands")
+        bands = None
+    own = [b for b in range(C) if b not in set(bad)]  # before dropping dead bands
+    if bands is None and not own:
+        raise DataError(f"{ds.name}: bad_bands flags all {C} bands")
+    ids = own if bands is None else [int(i) for i in bands["ids"]]
+    rasters = list(range(len(ds.rasters)))
     if len(rasters) > STATS_MAX_RASTERS:
-        pick = np.random.default_rng(0).choice(len(rasters), STATS_MAX_RASTERS, replace=False)
-        rasters = [rasters[i] for i in sorted(pick)]
-    key = hashlib.sha1(json.dumps([cache.signature(r.path) for r in rasters] + [r.path for r in rasters]
-                                  + [ds.value_scale, ds.nodata]).encode()).hexdigest()[:16]
-    path = os.path.join(cache.dir, f"stats-{key}.json")
-    cached = _read_json(path)
+        rasters = sorted(np.random.default_rng(0).choice(len(rasters), STATS_MAX_RASTERS, replace=False).tolist())
+    paths = [ds.rasters[i].path for i in rasters]
+
+    def cache_path(ids, auto):
+        key = [cache.signature(p) for p in paths] + paths + [ds.value_scale, ds.nodata, ids, auto]
+        return os.path.join(cache.dir, f"bands-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json")
+    path = cache_path(own, True)
+    cached = _read_json(path) if own else None
+    if bands is not None and (cached is None or cached["band_ids"] != ids):  # not the data's own band list
+        path = cache_path(ids, False)
+        cached = _read_json(path)
     if cached is None:
-        total = np.zeros(ds.raw_bands), np.zeros(ds.raw_bands), 0
-        s1, s2, n = total
-        for r in rasters:
-            for y in range(0, r.image.shape[1], 256):  # row blocks bound the memory used
-                x, valid = ds.physical(np.asarray(r.image[:, y:y + 256]))
-                v = (x if valid is None else x[:, valid]).reshape(x.shape[0], -1).astype(np.float64)
-                s1, s2, n = s1 + v.sum(1), s2 + (v * v).sum(1), n + v.shape[1]
-        if n == 0:
-            raise DataError(f"{ds.name}: no valid pixels to compute band statistics from")
-        mean = s1 / n
-        std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0))
-        cached = {"mean": mean.tolist(), "std": std.tolist(), "pixels": int(n)}
+        cached = _band_stats(ds, rasters, ids, bands is None, why)
         _write_json(path, cached)
+    wl_all = ds.wavelengths
+    ds.band_ids = cached["band_ids"]
+    ds.wavelengths = None if wl_all is None else [wl_all[i] for i in ds.band_ids]
+    if ds.wavelengths is not None and None in ds.wavelengths:  # a bad band the checkpoint reads has none
+        ds.wavelengths = None
     std = np.asarray(cached["std"], np.float32)
-    return np.asarray(cached["mean"], np.float32), np.where(std > 0, std, 1).astype(np.float32)
+    ds.mean, ds.std = np.asarray(cached["mean"], np.float32), np.where(std > 0, std, 1).astype(np.float32)
+    _report_bands(ds, C, bad, cached, wl_all, bands, why)
+
+
+def _band_stats(ds, rasters, ids, auto, why):
+    """Scan the rasters: mean/std of the bands `ids` over valid pixels; with `auto`, bands without a valid
+    value are dropped first (then a second scan)."""
+    s1, s2, n, good, total = _scan(ds, rasters, ids)
+    dead = [b for b, g in zip(ids, good) if g == 0]
+    if dead and not auto:
+        raise DataError(f"{ds.name}: band{'s' if len(dead) > 1 else ''} {_describe(dead, ds.wavelengths)} "
+                        f"{'have' if len(dead) > 1 else 'has'} no valid value here (nodata or NaN in every pixel), "
+                        f"but this data is read with {why}, which includes {'them' if len(dead) > 1 else 'it'}")
+    if dead:
+        ids = [b for b in ids if b not in set(dead)]
+        if not ids:
+            raise DataError(f"{ds.name}: every band is nodata or NaN in every pixel (nodata = {ds.nodata})")
+        s1, s2, n, good, total = _scan(ds, rasters, ids)
+    if n == 0:
+        worst = np.argsort(good, kind="stable")[:5]
+        raise DataError(f"{ds.name}: no valid pixels to compute band statistics from: every pixel is nodata or NaN "
+                        "in at least one band; the sparsest bands are "
+                        + ", ".join(f"{ids[i]} ({100 * good[i] / total:.1f}% valid)" for i in worst)
+                        + "; list bands to leave out in bad_bands (meta.json)")
+    median = np.median(good)
+    sparse = [b for b, g in zip(ids, good) if g < 0.5 * median]  # nearly dead: they mask most pixels
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0))
+    return {"band_ids": ids, "dead": dead, "sparse": sparse, "mean": mean.tolist(), "std": std.tolist(),
+            "pixels": int(n), "of_pixels": int(total)}
+
+
+def _scan(ds, rasters, ids):
+    """Sums over the valid pixels of the bands `ids`, their count, each band's count of valid values and
+    the number of pixels scanned."""
+    view = replace(ds, band_ids=ids, pca=None)
+    s1, s2, good = np.zeros(len(ids)), np.zeros(len(ids)), np.zeros(len(ids), np.int64)
+    n = total = 0
+    for i in rasters:
+        _, H, W = ds.rasters[i].image.shape
+        rows = max(1, STATS_BLOCK_VALUES // (len(ids) * W))  # row blocks bound the memory used
+        for y in range(0, H, rows):
+            x, invalid = view.physical(np.asarray(view.read(i, y, min(y + rows, H), 0, W)), per_value=True)
+            total += x.shape[1] * x.shape[2]
+            if invalid is None:
+                good += x.shape[1] * x.shape[2]
+                v = x.reshape(x.shape[0], -1)
+            else:
+                good += (~invalid).sum((1, 2))
+                v = x[:, ~invalid.any(0)]
+            v = v.astype(np.float64)
+            s1, s2, n = s1 + v.sum(1), s2 + (v * v).sum(1), n + v.shape[1]
+    return s1, s2, n, good, total
+
+
+def _report_bands(ds, C, bad, cached, wl_all, bands, why):
+    """The one printed line about dropped bands (and warnings about nearly dead or shifted bands)."""
+    kept = set(cached["band_ids"])
+    if bands is None:
+        parts = [f"in bad_bands {_describe(bad, wl_all)}"] if bad else []
+        parts += [f"nodata or NaN in every pixel {_describe(cached['dead'], wl_all)}"] if cached["dead"] else []
+        if parts:
+            print0(f"{ds.name}: dropped {C - len(kept)} of {C} bands (0-based) - {'; '.join(parts)} - "
+                   f"reading {len(kept)} bands")
+    elif len(kept) < C:
+        print0(f"{ds.name}: reading {len(kept)} of {C} bands ({why}); not read (0-based): "
+               f"{_describe([b for b in range(C) if b not in kept], wl_all)}")
+    if cached["sparse"]:
+        print0(f"warning: {ds.name}: band(s) {_describe(cached['sparse'], wl_all)} are valid in less than half as "
+               f"many pixels as the typical band; only {100 * cached['pixels'] / cached['of_pixels']:.1f}% of the "
+               "pixels are valid. List such bands in bad_bands (meta.json) to keep the other pixels")
+    theirs = None if bands is None else bands.get("wavelengths")
+    if theirs is not None and ds.wavelengths is not None:
+        shift = np.abs(np.asarray(theirs, float) - np.asarray(ds.wavelengths, float))
+        if shift.max() > WAVELENGTH_TOLERANCE_NM:
+            i = int(shift.argmax())
+            print0(f"warning: {ds.name}: band {ds.band_ids[i]} is at {ds.wavelengths[i]:.1f} nm but the checkpoint's "
+                   f"is at {theirs[i]:.1f} nm: is this the same sensor?")
+
+
+def _describe(ids, wavelengths=None):
+    """[3, 4, 5, 9] -> '3-5 (1350-1370 nm), 9 (1400 nm)': runs of band indices with their wavelengths."""
+    runs = []
+    for b in sorted(ids):
+        if runs and b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    out = []
+    for a, b in runs:
+        text = f"{a}" if a == b else f"{a}-{b}"
+        if wavelengths is not None and wavelengths[a] is not None and wavelengths[b] is not None:
+            text += f" ({wavelengths[a]:.0f} nm)" if a == b else f" ({wavelengths[a]:.0f}-{wavelengths[b]:.0f} nm)"
+        out.append(text)
+    return ", ".join(out)
 
 
 def check_same_bands(datasets, backbone):

@@ -189,7 +189,8 @@ def load_backbone(args, ds, **overrides):
         options = {} if not transformer else {
             "num_registers": args.registers, "ffn": args.ffn, "spectral_patch": args.spectral_patch,
             "wavelengths": None if getattr(args, "pca", None) else ds.wavelengths, **overrides}
-        return build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size, **options), None
+        return build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size, bands=ds.band_info,
+                              **options), None
     ckpt = common.load_checkpoint(args.init)
     config = {**ckpt["backbone"], **{k: v for k, v in overrides.items() if v is not None}}
     common.check_bands(config, ds.bands, args.init, ds.name)
@@ -255,7 +256,8 @@ def linear_probe(train_x, train_y, test_x, num_classes, weight_decay=1e-3, steps
 def run_probe(args, device, dtype):
     """k-NN or linear probe of a frozen backbone on a scene's sparse-label split -> metrics."""
     torch.manual_seed(args.seed)  # a --twin's random weights
-    ds, train, test, classes, info = split_scene(args, data.load_dataset(args.data, "tr", args.cache_dir))
+    ds, train, test, classes, info = split_scene(args, data.load_dataset(args.data, "tr", args.cache_dir,
+                                                                      common.checkpoint_bands(args.init)))
     if args.backbone == "cdcnn" or args.init and common.load_checkpoint(args.init)["backbone"]["name"] == "cdcnn":
         raise ValueError("cdcnn gets a new first layer for every scene, so it has no frozen representation to "
                          "probe; evaluate it fine-tuned (finetune_seg.py)")
@@ -410,7 +412,7 @@ def load_eval_data(args, ckpt):
     split = {"test": "ts", "train": "tr"}.get(args.split, args.split)
     if split not in data.WHU_SPLITS:
         raise ValueError(f"--split must be val, ts/test or tr/train, got {args.split!r}")
-    ds = data.load_dataset(spec, split, args.cache_dir or train_args.get("cache_dir"))
+    ds = data.load_dataset(spec, split, args.cache_dir or train_args.get("cache_dir"), ckpt["backbone"].get("bands"))
     if ds.kind != "scene" or "segmentation" not in ckpt:
         return ds, None
     if split == "val":
@@ -451,6 +453,7 @@ def parse_args(argv=None):
     g.add_argument("--probe-weight-decay", type=float, default=1e-3, help="linear probe L2 penalty")
     add_backbone_args(g)
     add_split_args(g)
+    common.add_debug_arg(p)
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.probe is None):
         p.error("give --ckpt (evaluate a checkpoint) or --probe knn|linear (probe a frozen backbone), not both")
@@ -515,4 +518,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -645,17 +645,20 @@ def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **
     baseline resnet50v1c (for `--decoder deeplabv3plus`), or cdcnn (in_chans = {domain: bands}).
     Options a backbone does not have must be None (so a script can pass e.g. `spectral_patch=None` to
     any backbone). The returned module carries `.config`, which checkpoints store and
-    `build_backbone(**config)` rebuilds."""
+    `build_backbone(**config)` rebuilds. `bands` (HSIDataset.band_info: the file's band indices the
+    model reads and their wavelengths) is only recorded in the config, so that data read later with this
+    checkpoint is read with the same bands."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    record = {"bands": kwargs.pop("bands")} if "bands" in kwargs else {}
     if name in ("pixel", "resnet50v1c"):
         model = PixelBackbone(in_chans) if name == "pixel" else ResNetV1c(in_chans)
-        model.config = dict(name=name, in_chans=in_chans)
+        model.config = dict(name=name, in_chans=in_chans, **record)
         return model
     if name == "cdcnn":  # pretrain_contrast.py's cross-domain CNN: in_chans = {domain name: band count}
         if not isinstance(in_chans, dict):
             raise ValueError(f"backbone 'cdcnn' needs in_chans = {{domain name: band count}}, got {in_chans!r}")
         model = CrossDomainCNN(in_chans, **kwargs)
-        model.config = dict(name=name, in_chans=dict(in_chans), width=model.width, depth=model.depth)
+        model.config = dict(name=name, in_chans=dict(in_chans), width=model.width, depth=model.depth, **record)
         return model
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}, pixel, resnet50v1c, cdcnn")
@@ -668,7 +671,8 @@ def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **
         model = BACKBONES[name](in_chans, img_size, patch_size, dim, depth, heads, **kwargs)
     except TypeError as e:  # an option this backbone does not have
         raise ValueError(f"backbone {name!r}: {e}") from None
-    model.config = dict(name=name, size=size, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **kwargs)
+    model.config = dict(name=name, size=size, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **kwargs,
+                        **record)
     return model
 
 

@@ -177,4 +177,4 @@ def train(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -223,14 +223,14 @@ class DINOLoss(nn.Module):
         return loss, terms
 
 
-def build(args, in_chans, wavelengths=None):
+def build(args, in_chans, wavelengths=None, bands=None):
     if args.backbone not in ("vit", "ssvit"):
         raise ValueError(f"pretrain_dino.py trains vit or ssvit, not {args.backbone!r} (pre-train sst with "
                          "pretrain_mae.py: SimMIM)")
     backbone = build_backbone(args.backbone, args.size, in_chans, args.img_size, args.patch_size,
                               num_registers=args.registers, ffn=args.ffn, layerscale=args.layerscale or None,
                               drop_path_rate=args.drop_path, mask_token=True, spectral_patch=args.spectral_patch,
-                              wavelengths=wavelengths)
+                              wavelengths=wavelengths, bands=bands)
     heads = lambda: [DINOHead(backbone.embed_dim, args.prototypes, args.head_hidden, args.head_bottleneck)  # noqa
                      for _ in backbone.streams]
     student = Student(backbone, heads(), heads() if args.separate_ibot_head else None)
@@ -318,7 +318,7 @@ def train(args, rank, world, device):
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
     datasets = data.load_datasets(args.data, args.split, args.cache_dir)
     in_chans = data.check_same_bands(datasets, args.backbone)
-    student, teacher = (m.to(device) for m in build(args, in_chans, datasets[0].wavelengths))
+    student, teacher = (m.to(device) for m in build(args, in_chans, datasets[0].wavelengths, datasets[0].band_info))
     common.seed_everything(args.seed, rank)  # then per-rank streams (stochastic depth)
     criterion = DINOLoss(args, args.prototypes, student.backbone.streams).to(device)
     lr = common.scaled_lr(args.blr, args.batch_size, world)
@@ -382,4 +382,4 @@ def train(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -62,7 +62,7 @@ def parse_args(argv=None):
 def build_model(args, ds):
     encoder = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
                              num_registers=args.registers, ffn=args.ffn, spectral_patch=args.spectral_patch,
-                             wavelengths=ds.wavelengths)
+                             wavelengths=ds.wavelengths, bands=ds.band_info)
     if args.backbone == "sst":
         return SimMIM(encoder, args.mask_ratio or 0.7)
     dim, depth, heads = MAE_DECODER_SIZES[args.size]
@@ -144,4 +144,4 @@ def train(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -53,7 +53,7 @@ def test_budget_labels_and_twins_are_parsed():
     assert compare.parse_budget("10%") == (["--train-fraction", "0.1"], "10pct")
     assert compare.parse_budget("200/class, classes >= 400 px") == (
         ["--labels-per-class", "200", "--min-class-pixels", "400"], "200-per-class-min400px")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="'lots'"):
         compare.parse_budget("lots")
     configs, pairs = compare.parse_configs(["mae: --init a.pt", "pixel: --backbone pixel"], twins=True)
     assert configs["mae-twin"] == ["--init", "a.pt", "--twin"] and pairs == {"mae": "mae-twin"}

@@ -1,0 +1,511 @@
+"""Bring your own scene: read the formats hyperspectral scenes are kept in and write this project's scene
+folder (image.tif, gt.tif, meta.json; README "Bring your own scene"), which every script reads with --data.
+
+    python formats.py scene.hdr --gt labels.hdr --out data/my_scene                  # ENVI, BSQ/BIL/BIP
+    python formats.py Indian_pines_corrected.mat --gt Indian_pines_gt.mat --out data/ip  # MATLAB v5 or v7.3
+    python formats.py scene.mat:hsi --gt scene.mat:labels --out data/scene            # pick arrays by name
+    python formats.py ENMAP01-..._SPECTRAL_IMAGE.TIF --value-scale 1e-4 --out data/enmap  # GeoTIFF product
+
+ENVI: the header's wavelength (+ units), fwhm, bbl (bad bands), data ignore value (nodata), byte order,
+header offset and reflectance scale factor are used; the binary is memory-mapped. MATLAB: the 3-D array is
+the image (rows x cols x bands), the 2-D array of --gt the labels; v5 files need scipy, v7.3 (HDF5) files
+h5py: `pip install -r requirements-formats.txt`. GeoTIFF: nodata from the GDAL_NODATA tag, wavelengths from
+GDAL band metadata or an EnMAP METADATA.XML beside the image.
+"""
+import argparse
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import tifffile
+
+import common
+import data
+from data import DataError
+
+ENVI_DTYPES = {1: "u1", 2: "i2", 3: "i4", 4: "f4", 5: "f8", 12: "u2", 13: "u4", 14: "i8", 15: "u8"}
+ENVI_DTYPE_NAMES = "1 uint8, 2 int16, 3 int32, 4 float32, 5 float64, 12 uint16, 13 uint32, 14 int64, 15 uint64"
+ENVI_DATA_EXTENSIONS = ("", ".img", ".dat", ".bsq", ".bil", ".bip", ".raw", ".bin", ".envi")
+WAVELENGTH_UNITS = {"nanometers": 1.0, "nanometer": 1.0, "nm": 1.0, "micrometers": 1e3, "micrometer": 1e3,
+                    "microns": 1e3, "micron": 1e3, "um": 1e3, "\u00b5m": 1e3, "millimeters": 1e6, "mm": 1e6}
+EXTRAS = "pip install -r requirements-formats.txt"
+WRITE_BLOCK_VALUES = 1 << 24  # values copied per block when writing image.tif
+
+
+# ----------------------------------------------------------------------------- ENVI
+
+def read_envi_header(path):
+    """An ENVI .hdr as {lower-case key: str, or list of str for {...} values}."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ENVI header ({e.strerror})") from e
+    if not text.lstrip().startswith("ENVI"):
+        raise DataError(f"{path}: not an ENVI header (it must start with 'ENVI')")
+    header = {}
+    for m in re.finditer(r"^\s*([^=\n]+?)\s*=\s*(\{[^}]*\}|[^\n]*)", text[text.index("ENVI") + 4:], re.M):
+        key, value = m.group(1).strip().lower(), m.group(2).strip()
+        if key.startswith(";"):  # a comment line
+            continue
+        if value.startswith("{"):
+            inner = value[1:-1].strip()
+            header[key] = inner if key == "description" else [v.strip() for v in inner.split(",") if v.strip()]
+        else:
+            header[key] = value
+    return header
+
+
+def envi_files(path):
+    """(header, binary) for an ENVI header or its binary file."""
+    if path.lower().endswith(".hdr"):
+        hdr, base = path, path[:-4]
+        for ext in ENVI_DATA_EXTENSIONS + tuple(e.upper() for e in ENVI_DATA_EXTENSIONS[1:]):
+            if os.path.isfile(base + ext):
+                return hdr, base + ext
+        raise DataError(f"{hdr}: no binary file beside it (looked for {os.path.basename(base)} with extension "
+                        f"{', '.join(e or '(none)' for e in ENVI_DATA_EXTENSIONS)})")
+    for hdr in (path + ".hdr", os.path.splitext(path)[0] + ".hdr", os.path.splitext(path)[0] + ".HDR"):
+        if os.path.isfile(hdr):
+            return hdr, path
+    raise DataError(f"{path}: no ENVI header ({os.path.basename(path)}.hdr) beside it")
+
+
+def _number(header, key, hdr, kind=int, default=None):
+    """header[key] as an int (kind=int) or a float; `default` when absent, an error when required."""
+    v = header.get(key)
+    if v is None:
+        if default is None:
+            raise DataError(f"{hdr}: '{key}' is missing")
+        return default
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        x = None
+    if x is None or (kind is int and not x.is_integer()):
+        raise DataError(f"{hdr}: '{key} = {v}' is not {'an integer' if kind is int else 'a number'}")
+    return int(x) if kind is int else x
+
+
+def _numbers(header, key, hdr, count):
+    v = header.get(key)
+    if v is None:
+        return None
+    try:
+        values = [float(x) for x in (v if isinstance(v, list) else [v])]
+    except ValueError:
+        raise DataError(f"{hdr}: '{key}' holds a value that is not a number") from None
+    if len(values) != count:
+        raise DataError(f"{hdr}: {len(values)} values in '{key}' for {count} bands")
+    return values
+
+
+def to_nm(values, units, where):
+    """Wavelengths (or FWHMs) in `units` -> nm; unknown units: micrometres when every value is below 100."""
+    if values is None:
+        return None
+    factor = WAVELENGTH_UNITS.get((units or "").strip().lower())
+    if factor is None:
+        factor = 1e3 if max(values) < 100 else 1.0
+        if units and units.strip().lower() not in ("unknown", "index", ""):
+            raise DataError(f"{where}: unknown wavelength units {units!r} (nanometers or micrometers)")
+    return [round(v * factor, 6) for v in values]
+
+
+def read_envi(path):
+    """An ENVI image (header or binary path) -> ((C, H, W) read-only memory map, info for meta.json)."""
+    hdr, binary = envi_files(path)
+    h = read_envi_header(hdr)
+    samples, lines, bands = (_number(h, k, hdr) for k in ("samples", "lines", "bands"))
+    if min(samples, lines, bands) < 1:
+        raise DataError(f"{hdr}: samples, lines and bands must be positive, got {samples}, {lines}, {bands}")
+    offset = _number(h, "header offset", hdr, default=0)
+    code = _number(h, "data type", hdr)
+    if code not in ENVI_DTYPES:
+        raise DataError(f"{hdr}: unknown or unsupported data type {code} (supported: {ENVI_DTYPE_NAMES})")
+    order = _number(h, "byte order", hdr, default=0)
+    if order not in (0, 1):
+        raise DataError(f"{hdr}: byte order must be 0 (little-endian) or 1 (big-endian), got {order}")
+    dtype = np.dtype(("<" if order == 0 else ">") + ENVI_DTYPES[code])
+    interleave = str(h.get("interleave", "bsq")).strip().lower()
+    shapes = {"bsq": (bands, lines, samples), "bil": (lines, bands, samples), "bip": (lines, samples, bands)}
+    if interleave not in shapes:
+        raise DataError(f"{hdr}: unknown interleave {h['interleave']!r} (bsq, bil or bip)")
+    expected, actual = offset + samples * lines * bands * dtype.itemsize, os.path.getsize(binary)
+    if actual != expected:
+        raise DataError(f"{binary}: {actual} bytes, but {os.path.basename(hdr)} describes {lines} lines x {samples} "
+                        f"samples x {bands} bands of {dtype.name} ({dtype.itemsize} bytes each) + {offset} header "
+                        f"bytes = {expected} bytes")
+    raw = np.memmap(binary, dtype=dtype, mode="r", offset=offset, shape=shapes[interleave])
+    cube = {"bsq": raw, "bil": raw.transpose(1, 0, 2), "bip": raw.transpose(2, 0, 1)}[interleave]  # (C, H, W)
+    units = h.get("wavelength units")
+    bbl = _numbers(h, "bbl", hdr, bands)
+    nodata = _number(h, "data ignore value", hdr, float) if "data ignore value" in h else None
+    scale = _number(h, "reflectance scale factor", hdr, float) if "reflectance scale factor" in h else None
+    names = h.get("class names")
+    if isinstance(names, list) and names and names[0].lower() in ("unclassified", "background", "unlabeled",
+                                                                   "unlabelled", "none"):
+        names = names[1:]
+    info = {"sensor": h.get("sensor type"),
+            "wavelengths_nm": to_nm(_numbers(h, "wavelength", hdr, bands), units, hdr),
+            "fwhm_nm": to_nm(_numbers(h, "fwhm", hdr, bands), units, hdr),
+            "bad_bands": [i for i, v in enumerate(bbl) if v == 0] if bbl else [],
+            "nodata": _clean_nodata(nodata, dtype), "value_scale": 1 / scale if scale else None,
+            "class_names": names if isinstance(names, list) else None}
+    return cube, info
+
+
+def _clean_nodata(v, dtype):
+    if v is None or np.isnan(v):
+        return None  # NaN is always treated as nodata
+    return int(v) if dtype.kind in "iu" and float(v).is_integer() else float(v)
+
+
+# ----------------------------------------------------------------------------- MATLAB
+
+def _extra(module, path, what):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise DataError(f"{path}: reading {what} files needs {module}, which is not installed: {EXTRAS}") from None
+
+
+def _is_hdf5(path):
+    with open(path, "rb") as f:
+        head = f.read(520)
+    return head.startswith(b"\x89HDF\r\n\x1a\n") or head[512:520] == b"\x89HDF\r\n\x1a\n"
+
+
+def mat_variables(path):
+    """{name: numeric array} of a .mat file, in MATLAB's axis order (rows, cols, ...): v5 through scipy,
+    v7.3 (HDF5, whose arrays are stored transposed) through h5py."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    if _is_hdf5(path):
+        h5py = _extra("h5py", path, "MATLAB v7.3 (HDF5)")
+        try:
+            with h5py.File(path, "r") as f:
+                return {k: np.asarray(v[()]).T for k, v in f.items()
+                        if isinstance(v, h5py.Dataset) and v.dtype.kind in "biuf" and not k.startswith("#")}
+        except OSError as e:
+            raise DataError(f"{path}: cannot read HDF5 .mat file ({e})") from e
+    _extra("scipy", path, "MATLAB v5")
+    import scipy.io
+    try:
+        m = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises ValueError, TypeError, ... on files that are not MATLAB
+        raise DataError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from e
+    return {k: v for k, v in m.items() if not k.startswith("__") and isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+
+
+def _listing(arrays):
+    return ", ".join(f"{k} ({'x'.join(map(str, v.shape))} {v.dtype})" for k, v in arrays.items()) or "nothing numeric"
+
+
+def read_mat(path, var=None, ndim=3):
+    """(name, array) of the `ndim`-D array of a .mat file: `var`, or the only one there is."""
+    arrays = mat_variables(path)
+    if var is not None:
+        if var not in arrays:
+            raise DataError(f"{path}: no numeric array {var!r}; it holds {_listing(arrays)}")
+        a = arrays[var]
+        if a.ndim != ndim and np.squeeze(a).ndim != ndim:
+            raise DataError(f"{path}: {var} is {'x'.join(map(str, a.shape))}, expected a {ndim}-D array")
+        return var, a if a.ndim == ndim else np.squeeze(a)
+    found = {k: v for k, v in arrays.items() if v.ndim == ndim}
+    if not found:
+        raise DataError(f"{path}: no {ndim}-D array to use as the {'image' if ndim == 3 else 'labels'}; "
+                        f"it holds {_listing(arrays)}")
+    if len(found) > 1:
+        raise DataError(f"{path}: several {ndim}-D arrays: {_listing(found)}; pick one as {path}:NAME")
+    return next(iter(found.items()))
+
+
+def mat_cube(a, gt_shape=None):
+    """A MATLAB (rows, cols, bands) array -> (C, H, W). With labels given, the band axis is the one the
+    labels' shape leaves out (the last one when several or none fit)."""
+    for axis in (2, 0, 1) if gt_shape is not None else ():
+        if tuple(np.delete(a.shape, axis)) == tuple(gt_shape):
+            return np.moveaxis(a, axis, 0)
+    return np.moveaxis(a, -1, 0)
+
+
+# ----------------------------------------------------------------------------- GeoTIFF and wavelength files
+
+def read_tiff(path):
+    """A (GeoTIFF) image -> ((C, H, W) array, info): nodata from GDAL_NODATA, wavelengths/FWHM from the
+    GDAL band metadata when present, else from an EnMAP METADATA.XML beside it."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series, page = tif.series[0], tif.pages[0]
+            axes = series.axes
+            cube = series.asarray()
+            nodata_tag, gdal_tag = page.tags.get(42113), page.tags.get(42112)
+    except Exception as e:  # tifffile raises many types on corrupt files
+        raise DataError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from e
+    if cube.ndim != 3:
+        raise DataError(f"{path}: expected a (bands, H, W) or (H, W, bands) image, got shape {cube.shape}")
+    if axes.endswith("S") and axes != "SYX":
+        cube = np.moveaxis(cube, -1, 0)
+    info = {"nodata": None, "wavelengths_nm": None, "fwhm_nm": None}
+    if nodata_tag is not None:
+        try:
+            info["nodata"] = _clean_nodata(float(str(nodata_tag.value).strip("\x00 ")), cube.dtype)
+        except ValueError:
+            pass
+    if gdal_tag is not None:
+        info.update(_gdal_wavelengths(str(gdal_tag.value), cube.shape[0], path))
+    if info["wavelengths_nm"] is None:
+        stem = re.sub(r"-?SPECTRAL_IMAGE.*$", "", os.path.basename(path), flags=re.I)
+        xml = os.path.join(os.path.dirname(os.path.abspath(path)), f"{stem}-METADATA.XML")
+        if stem != os.path.basename(path) and os.path.isfile(xml):
+            wl, fwhm = read_wavelengths(xml)
+            info.update(wavelengths_nm=wl, fwhm_nm=fwhm)
+    return cube, info
+
+
+def _gdal_wavelengths(text, bands, path):
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return {}
+    items = {}
+    for item in root.iter("Item"):
+        name, sample = (item.get("name") or "").lower(), item.get("sample")
+        if sample is not None and name in ("wavelength", "fwhm"):
+            items.setdefault(name, {})[int(sample)] = float(item.text)
+        elif sample is None and name == "wavelength_units":
+            items["units"] = item.text
+    out = {}
+    for key, field in (("wavelength", "wavelengths_nm"), ("fwhm", "fwhm_nm")):
+        if len(items.get(key, {})) == bands:
+            out[field] = to_nm([items[key][i] for i in range(bands)], items.get("units"), path)
+    return out
+
+
+def read_wavelengths(path):
+    """(wavelengths_nm, fwhm_nm or None) from an ENVI header, an EnMAP METADATA.XML, or a text file of
+    numbers (one per band; whitespace, comma or newline separated; micrometres when all are below 100)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    if path.lower().endswith(".hdr"):
+        h = read_envi_header(path)
+        wl = h.get("wavelength")
+        if wl is None:
+            raise DataError(f"{path}: the header has no 'wavelength'")
+        n = len(wl) if isinstance(wl, list) else 1
+        return (to_nm(_numbers(h, "wavelength", path, n), h.get("wavelength units"), path),
+                to_nm(_numbers(h, "fwhm", path, n), h.get("wavelength units"), path) if "fwhm" in h else None)
+    if path.lower().endswith(".xml"):
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError as e:
+            raise DataError(f"{path}: not valid XML ({e})") from e
+        bands = [b for b in root.iter("bandID") if b.findtext("wavelengthCenterOfBand")]
+        if not bands:
+            raise DataError(f"{path}: no bandID/wavelengthCenterOfBand elements (an EnMAP METADATA.XML has them)")
+        bands.sort(key=lambda b: int(b.get("number", 0)))
+        fwhm = [b.findtext("FWHMOfBand") for b in bands]
+        return ([float(b.findtext("wavelengthCenterOfBand")) for b in bands],
+                [float(v) for v in fwhm] if all(fwhm) else None)
+    with open(path) as f:
+        tokens = re.split(r"[\s,;]+", f.read().strip())
+    try:
+        values = [float(t) for t in tokens if t]
+    except ValueError:
+        raise DataError(f"{path}: expected numbers (one wavelength per band)") from None
+    return to_nm(values, None, path), None
+
+
+# ----------------------------------------------------------------------------- any format
+
+def split_var(spec):
+    """'file.mat:name' -> ('file.mat', 'name'); anything else -> (spec, None)."""
+    path, sep, var = spec.rpartition(":")
+    if sep and path and var and os.path.isfile(path) and not os.path.isfile(spec) and re.fullmatch(r"\w+", var):
+        return path, var
+    return spec, None
+
+
+def read_image(spec, gt_shape=None):
+    """An image in any supported format -> ((C, H, W) array or memory map, info for meta.json)."""
+    path, var = split_var(spec)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if var is not None and ext != ".mat":
+        raise DataError(f"{spec}: ':{var}' picks an array of a .mat file, but this is a {ext or 'file'}")
+    if ext == ".mat":
+        return mat_cube(read_mat(path, var, 3)[1], gt_shape), {}
+    if ext in (".tif", ".tiff"):
+        return read_tiff(path)
+    if ext == ".npy":
+        a = np.load(path, mmap_mode="r")
+        if a.ndim != 3:
+            raise DataError(f"{path}: expected a (bands, H, W) array, got shape {a.shape}")
+        return a, {}
+    return read_envi(path)
+
+
+def read_labels(spec):
+    """Labels (0 = unlabelled, 1..K) in any supported format -> (H, W) uint8/uint16. Float labels must hold
+    whole numbers; NaN becomes 0 (unlabelled)."""
+    path, var = split_var(spec)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    names = None
+    if ext == ".mat":
+        var, labels = read_mat(path, var, 2)
+        spec = f"{path}:{var}"
+    elif ext in (".tif", ".tiff"):
+        try:
+            labels = np.squeeze(tifffile.imread(path))
+        except Exception as e:  # tifffile raises many types on corrupt files
+            raise DataError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from e
+    elif ext == ".npy":
+        labels = np.load(path)
+    else:
+        cube, info = read_envi(path)
+        labels, names = np.asarray(cube)[0] if cube.shape[0] == 1 else cube, info.get("class_names")
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise DataError(f"{spec}: labels must be a 2-D (H, W) array, got shape {labels.shape}")
+    if labels.dtype.kind == "f":
+        labels = np.where(np.isnan(labels), 0, labels)
+        if not np.array_equal(labels, np.round(labels)):
+            raise DataError(f"{spec}: labels must be whole numbers (0 = unlabelled, 1..K), found fractions")
+    if labels.dtype.kind not in "biuf":
+        raise DataError(f"{spec}: labels must be numbers, got {labels.dtype}")
+    lo, hi = labels.min(), labels.max()
+    if lo < 0 or hi > 65535:
+        raise DataError(f"{spec}: label values must be 0 (unlabelled) .. K, found {lo:g} .. {hi:g}")
+    return labels.astype(np.uint8 if hi < 256 else np.uint16), names
+
+
+def parse_band_list(text):
+    """'0-3,103,150-162' -> [0, 1, 2, 3, 103, 150, ..., 162] (0-based band indices)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ValueError(f"--bad-bands: {part!r} is not a band index or a range like 103-107")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        out += range(a, b + 1)
+    return sorted(set(out))
+
+
+# ----------------------------------------------------------------------------- writing a scene folder
+
+def write_image(path, cube):
+    """(C, H, W) -> an uncompressed, memory-mappable image.tif in native byte order, copied in row blocks
+    (so a BIP/BIL or big-endian binary is re-ordered without holding it in memory)."""
+    dtype = cube.dtype.newbyteorder("=")
+    if dtype.kind not in "biuf" or dtype.itemsize > 8:
+        raise DataError(f"{path}: cannot store {cube.dtype} pixels (complex?)")
+    dtype = np.dtype(np.uint8) if dtype.kind == "b" else np.dtype(np.float32) if dtype == np.float16 else dtype
+    C, H, W = cube.shape
+    out = tifffile.memmap(path, shape=(C, H, W), dtype=dtype, photometric="minisblack")
+    rows = max(1, WRITE_BLOCK_VALUES // (C * W))
+    for y in range(0, H, rows):
+        out[:, y:y + rows] = cube[:, y:y + rows]
+    out.flush()
+    del out
+
+
+def _absolute(spec):
+    if spec is None:
+        return None
+    path, var = split_var(spec)
+    return os.path.abspath(path) + (f":{var}" if var else "")
+
+
+def convert(src, out, gt=None, name=None, wavelengths=None, bad_bands=(), nodata=None, value_scale=None,
+            class_names=None, sensor=None, force=False):
+    """Write the scene folder `out` (image.tif, gt.tif when labels are given, meta.json) from `src`;
+    returns the meta.json written. Options override what the source file says."""
+    labels, label_names = read_labels(gt) if gt else (None, None)
+    cube, info = read_image(src, None if labels is None else labels.shape)
+    C, H, W = cube.shape
+    if labels is not None and labels.shape != (H, W):
+        raise DataError(f"{gt}: labels are {labels.shape[0]}x{labels.shape[1]} but the image {src} is {H}x{W}")
+    meta = {"name": name or os.path.basename(os.path.abspath(out)), "sensor": sensor or info.get("sensor"),
+            "source": {"image": _absolute(src), "gt": _absolute(gt)},
+            "nodata": nodata if nodata is not None else info.get("nodata"),
+            "value_scale": value_scale if value_scale is not None else info.get("value_scale"),
+            "wavelengths_nm": info.get("wavelengths_nm"), "fwhm_nm": info.get("fwhm_nm"),
+            "bad_bands": sorted(set(info.get("bad_bands") or []) | set(bad_bands)),
+            "class_names": class_names or label_names or []}
+    if wavelengths:
+        meta["wavelengths_nm"], fwhm = read_wavelengths(wavelengths)
+        meta["fwhm_nm"] = fwhm or None
+    for key, where in (("wavelengths_nm", wavelengths or src), ("fwhm_nm", wavelengths or src)):
+        if meta[key] is not None and len(meta[key]) != C:
+            raise DataError(f"{where}: {len(meta[key])} {key.split('_')[0]} for an image with {C} bands")
+    if meta["bad_bands"] and meta["bad_bands"][-1] >= C:
+        raise DataError(f"--bad-bands: band {meta['bad_bands'][-1]} does not exist; {src} has bands 0 .. {C - 1}")
+    if labels is not None and meta["class_names"] and labels.max() > len(meta["class_names"]):
+        raise DataError(f"{gt}: labels go up to {labels.max()} but {len(meta['class_names'])} class names are given")
+    files = [os.path.join(out, f) for f in ("image.tif", "gt.tif", "meta.json")]
+    if not force and any(os.path.exists(f) for f in files):
+        raise FileExistsError(f"{out}: already holds a scene; pass --force to replace it")
+    os.makedirs(out, exist_ok=True)
+    for f in files:
+        if os.path.exists(f):
+            os.remove(f)
+    write_image(files[0], cube)
+    if labels is not None:
+        tifffile.imwrite(files[1], labels)
+    with open(files[2], "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="image: ENVI header or binary, .mat[:VAR] (the 3-D array unless VAR), GeoTIFF, .npy")
+    p.add_argument("--gt", default=None, help="labels FILE[:VAR] (0 = unlabelled, 1..K): .mat (the 2-D array unless "
+                   "VAR; may be the image's file), ENVI classification, TIFF or .npy")
+    p.add_argument("--out", required=True, help="scene folder to write")
+    p.add_argument("--name", default=None, help="scene name (default: the folder's name)")
+    p.add_argument("--wavelengths", default=None, help="band centres from an ENVI .hdr, an EnMAP METADATA.XML or a "
+                   "text file of numbers (one per band, nm or micrometres)")
+    p.add_argument("--bad-bands", default="", help="0-based bands to leave out, e.g. 103-107,149-162,219 (added to "
+                   "the ENVI header's bbl)")
+    p.add_argument("--nodata", type=float, default=None, help="value of missing pixels (default: the file's)")
+    p.add_argument("--value-scale", type=float, default=None, help="raw value x this = reflectance, e.g. 1e-4")
+    p.add_argument("--class-names", default=None, help="comma-separated, or a text file with one name per line")
+    p.add_argument("--sensor", default=None)
+    p.add_argument("--force", action="store_true", help="replace the scene already in --out")
+    p.add_argument("--cache-dir", default=None, help="where the check after writing caches statistics")
+    common.add_debug_arg(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = args.class_names
+    if names and os.path.isfile(names):
+        with open(names) as f:
+            names = [line.strip() for line in f if line.strip()]
+    elif names:
+        names = [n.strip() for n in names.split(",")]
+    nodata = args.nodata
+    if nodata is not None and nodata.is_integer():
+        nodata = int(nodata)
+    meta = convert(args.src, args.out, args.gt, args.name, args.wavelengths, parse_band_list(args.bad_bands), nodata,
+                   args.value_scale, names, args.sensor, args.force)
+    ds = data.load_dataset(args.out, cache_dir=args.cache_dir)  # checks the scene and reports dropped bands
+    H, W = ds.rasters[0].image.shape[1:]
+    labelled = 0 if ds.rasters[0].label is None else int((np.asarray(ds.rasters[0].label) > 0).sum())
+    wl = f", {ds.wavelengths[0]:.0f}-{ds.wavelengths[-1]:.0f} nm" if ds.wavelengths else ", wavelengths unknown"
+    print(f"{args.out}: {H}x{W} px, {ds.file_bands} bands ({ds.raw_bands} read{wl}), "
+          f"{ds.num_classes} classes, {labelled} labelled pixels; nodata {meta['nodata']}, "
+          f"value_scale {meta['value_scale']}")
+    return ds
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
