@@ -859,9 +859,13 @@ class DINOHead(nn.Module):
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, x):
-        """(..., in_dim) -> (..., num_prototypes) logits."""
-        x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, F.normalize(self.prototypes, dim=-1))
+        """(..., in_dim) -> (..., num_prototypes) logits, always fp32: the MLP runs under autocast, the
+        normalisation and the prototype layer (65536-way at base, cosines whose differences matter at
+        temperature 0.04-0.1) do not."""
+        x = self.mlp(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.normalize(x.float(), dim=-1)
+            return F.linear(x, F.normalize(self.prototypes.float(), dim=-1))
 
 
 # ----------------------------------------------------------------------------- segmentation

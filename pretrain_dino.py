@@ -124,13 +124,14 @@ def gather_with_grad(x):
 def koleo(features, eps=1e-8):
     """KoLeo regulariser: -mean log distance of each (L2-normalised) feature to its nearest neighbour,
     neighbours searched over the global batch so the loss does not depend on how it is split into ranks."""
-    x = F.normalize(features.float(), dim=-1, eps=eps)
-    everyone, offset = gather_with_grad(x)
-    with torch.no_grad():
-        sim = x @ everyone.t()
-        sim[torch.arange(len(x)), offset + torch.arange(len(x), device=x.device)] = -2  # not itself
-        nearest = sim.argmax(dim=1)
-    return -torch.log((x - everyone[nearest]).norm(dim=-1) + eps).mean()
+    with torch.autocast(features.device.type, enabled=False):  # fp32 search and distances under autocast
+        x = F.normalize(features.float(), dim=-1, eps=eps)
+        everyone, offset = gather_with_grad(x)
+        with torch.no_grad():
+            sim = x @ everyone.t()
+            sim[torch.arange(len(x)), offset + torch.arange(len(x), device=x.device)] = -2  # not itself
+            nearest = sim.argmax(dim=1)
+        return -torch.log((x - everyone[nearest]).norm(dim=-1) + eps).mean()
 
 
 # ----------------------------------------------------------------------------- model
