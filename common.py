@@ -171,8 +171,14 @@ def step_schedule(base, total_steps, milestones=(0.6, 0.8), gamma=0.1):
     return base * gamma ** passed
 
 
-def scaled_lr(base_lr, batch_size, world_size, reference_batch=256):
-    return base_lr * batch_size * world_size / reference_batch
+def scaled_lr(base_lr, batch_size, world_size, reference_batch=None, rule="linear"):
+    """lr for a global batch of batch_size x world_size: linear, base_lr x batch / reference (256; MAE,
+    DINO), or sqrt, base_lr x sqrt(batch / reference) (1024; DINOv2's rule for AdamW)."""
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size * world_size / (reference_batch or 1024))
+    if rule != "linear":
+        raise ValueError(f"unknown lr scaling rule {rule!r}; available: linear, sqrt")
+    return base_lr * batch_size * world_size / (reference_batch or 256)
 
 
 def decay_groups(params, weight_decay, lr_scale=1.0):
