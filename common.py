@@ -278,9 +278,18 @@ def checkpoint_bands(path):
     return None if path is None else load_checkpoint(path, mmap=True)["backbone"].get("bands")
 
 
-def backbone_weights(ckpt):
-    """The backbone's state dict from any trainer's checkpoint."""
+def backbone_weights(ckpt, which="teacher"):
+    """The backbone's state dict from any trainer's checkpoint: the network it names as its backbone
+    (`which="teacher"`: for DINO the EMA teacher, elsewhere the only one), or `which="student"`, the
+    student of a checkpoint that holds one (DINO)."""
     key, prefix = ckpt["backbone_key"]
+    if which == "student":
+        if "student" not in ckpt:
+            raise ValueError("--init-weights student: this checkpoint has no student network (only "
+                             "pretrain_dino.py checkpoints have one)")
+        key = "student"
+    elif which != "teacher":
+        raise ValueError(f"unknown network {which!r}; available: teacher, student")
     return {k[len(prefix):]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
 
 

@@ -154,6 +154,9 @@ def add_backbone_args(p):
     p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
     p.add_argument("--depth", type=int, default=None, help="cdcnn from scratch: residual modules in the trunk "
                    "(default 5, as pre-trained; Lee & Kwon's scratch baseline has 4)")
+    p.add_argument("--init-weights", default="teacher", choices=["teacher", "student"], help="with --init: the "
+                   "network whose backbone is read; student = the DINO student (the teacher of a short run still holds "
+                   "much of its random init: pretrain_dino.py prints how much). Other checkpoints hold one network")
 
 
 def add_split_args(p):
@@ -198,8 +201,9 @@ def load_backbone(args, ds, **overrides):
     if args.twin:
         common.print0(f"random twin of {args.init}: backbone {config}, random weights")
     else:
-        backbone.load_state_dict(common.backbone_weights(ckpt))
-        common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
+        backbone.load_state_dict(common.backbone_weights(ckpt, args.init_weights))
+        which = " (student)" if args.init_weights == "student" else ""
+        common.print0(f"backbone {config} from {args.init}{which} (step {ckpt['step']})")
     return backbone, ckpt
 
 

@@ -91,7 +91,8 @@ def cross_domain_model(args, ds, ckpt=None):
     if ckpt is not None and args.twin:
         common.print0(f"random twin of {args.init}: cdcnn trunk {shape} with random weights")
     elif ckpt is not None:
-        trunk = {k[len("trunk."):]: v for k, v in common.backbone_weights(ckpt).items() if k.startswith("trunk.")}
+        trunk = {k[len("trunk."):]: v for k, v in common.backbone_weights(ckpt, args.init_weights).items()
+                 if k.startswith("trunk.")}
         backbone.trunk.load_state_dict(trunk)
         common.print0(f"cdcnn trunk {shape} from {args.init} (step {ckpt['step']}, pre-trained on "
                       f"{config['in_chans']}); new first layer for {ds.name} ({ds.bands} bands)")

@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="teacher EMA, cosine start/end. "
                    "DINOv2's 0.992 -> 1 is for 125k iterations: over 300 steps it leaves ~30%% of the random "
                    "initial teacher in the saved teacher (printed at start; the probe reads the teacher). For short "
-                   "runs start lower, e.g. 0.96 0.996 (~0.1%% left after 300 steps)")
+                   "runs start lower, e.g. 0.96 0.996 (~0.1%% left after 300 steps), or probe the student "
+                   "(finetune_seg.py/eval.py --init-weights student)")
     p.add_argument("--batch-size", type=int, default=16, help="tiles per process (each gives 2 + --local-crops views)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=30)

@@ -1,4 +1,4 @@
-"""DINO's schedules for short runs (issue #13): teacher momentum, lr scaling; fp32 head and KoLeo."""
+"""Issue #13 recipe options: DINO's momentum, lr scaling, fp32 head and KoLeo, probing the student."""
 import math
 
 import pytest
@@ -7,8 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import finetune_seg
 import pretrain_dino
 from models import DINOHead
+from test_pretrain_dino import dino_args
 
 
 # ----------------------------------------------------------------------------- DINO
@@ -52,3 +54,34 @@ def test_lr_scaling_rules():
     assert pretrain_dino.parse_args([]).blr == 2e-3
     assert pretrain_dino.parse_args(["--lr-scaling", "sqrt"]).blr == 0.004
     assert pretrain_dino.parse_args(["--lr-scaling", "sqrt", "--blr", "1e-3"]).blr == 1e-3
+
+
+def test_backbone_weights_teacher_or_student():
+    ckpt = {"backbone_key": ("teacher", "backbone."),
+            "teacher": {"backbone.w": torch.zeros(2), "dino_heads.0.p": torch.zeros(1)},
+            "student": {"backbone.w": torch.ones(2), "dino_heads.0.p": torch.ones(1)}}
+    assert torch.equal(common.backbone_weights(ckpt)["w"], torch.zeros(2))
+    assert torch.equal(common.backbone_weights(ckpt, "student")["w"], torch.ones(2))
+    assert set(common.backbone_weights(ckpt, "student")) == {"w"}
+    mae = {"backbone_key": ("model", "encoder."), "model": {"encoder.w": torch.zeros(2)}}
+    assert set(common.backbone_weights(mae)) == {"w"}
+    with pytest.raises(ValueError, match="no student"):
+        common.backbone_weights(mae, "student")
+
+
+def test_probe_the_dino_student(scene, cache_dir, tmp_path, capsys):
+    pre = tmp_path / "d"
+    pretrain_dino.main(dino_args(scene, pre, cache_dir, 2, 4, "--lr-scaling", "sqrt"))
+    printed = capsys.readouterr().out
+    assert "final teacher keeps" in printed and "sqrt scaling of blr 0.004" in printed
+    dino = torch.load(pre / "ckpt.pt", weights_only=False)
+    seg = ["--data", scene, "--cache-dir", cache_dir, "--img-size", "16", "--batch-size", "2", "--steps", "1",
+           "--eval-every", "1", "--workers", "0", "--init", str(pre / "ckpt.pt")]
+    for which in ("student", "teacher"):
+        finetune_seg.main(seg + ["--out", str(tmp_path / which), "--init-weights", which])
+    student, teacher = (torch.load(tmp_path / w / "ckpt.pt", weights_only=False)["model"] for w in ("student", "teacher"))
+    names = [k for k in common.backbone_weights(dino) if not k.endswith("pos_embed")]
+    assert any(not torch.equal(dino["student"][f"backbone.{k}"], dino["teacher"][f"backbone.{k}"]) for k in names)
+    for k in names:  # frozen probes keep the backbone they read bit for bit
+        assert torch.equal(student[f"backbone.{k}"], dino["student"][f"backbone.{k}"]), k
+        assert torch.equal(teacher[f"backbone.{k}"], dino["teacher"][f"backbone.{k}"]), k
