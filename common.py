@@ -50,6 +50,19 @@ def add_run_args(parser, out):
     add_debug_arg(p)
 
 
+def add_recipe_args(parser):
+    """The backbone recipe options of issue #13 (models.LEGACY_OPTIONS), defaults unchanged until
+    measured."""
+    p = parser
+    p.add_argument("--init-scheme", default="trunc_normal", choices=["trunc_normal", "xavier"],
+                   help="Linear-layer init of vit/ssvit/sst (and the MAE decoder). xavier = MAE's xavier_uniform: "
+                   "trunc_normal(0.02) is 2-4x smaller, so a random ViT passes its input almost unchanged (cosine "
+                   "0.98 between block-12 output and patch embedding at tiny, 0.6 with xavier)")
+    p.add_argument("--pos-embed", default="learned", choices=["learned", "fixed"],
+                   help="2-D sin-cos position embedding of the patches (vit, the spatial stream of ssvit, sst): "
+                   "trained from its sin-cos init, or fixed as MAE's encoder (not trained, not weight-decayed)")
+
+
 def add_debug_arg(parser):
     parser.add_argument("--debug", action="store_true", help="on an error in the input, show the Python traceback "
                         "instead of the one-line message (also: HSI_SSL_DEBUG=1)")

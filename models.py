@@ -5,6 +5,7 @@ Shapes: images are (B, C, H, W) with C spectral bands; tokens are (B, N, D).
 
 import math
 import re
+from functools import partial
 
 import numpy as np
 import torch
@@ -62,14 +63,39 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 
-def init_weights(module):
+INIT_SCHEMES = ("trunc_normal", "xavier")
+POS_EMBEDS = ("learned", "fixed")
+
+
+def init_weights(module, scheme="trunc_normal"):
+    """Linear weights: trunc_normal (std 0.02, timm/DINO) or xavier (xavier_uniform, as MAE's code: 2-4x
+    larger at ViT widths, so the blocks of a random network really transform their input); biases 0,
+    LayerNorm 1/0 in both."""
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        if scheme == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; available: {', '.join(choices)}")
+
+
+def set_pos_embed(module, table, kind):
+    """module.pos_embed = table (1, N, D): a parameter (learned) or a buffer (fixed: never trained nor
+    weight-decayed). Same state_dict key either way, so checkpoints load into both."""
+    check_choice("pos_embed", kind, POS_EMBEDS)
+    if kind == "fixed":
+        module.register_buffer("pos_embed", table)
+    else:
+        module.pos_embed = nn.Parameter(table)
 
 
 def linear_flops(layer, n):
@@ -165,8 +191,9 @@ class TokenEncoder(nn.Module):
     tokens and an optional mask token. Subclasses say what a piece is and where it sits (`pos`)."""
 
     def __init__(self, piece_dim, embed_dim, depth, num_heads, mlp_ratio=4.0, num_registers=0, ffn="mlp",
-                 layerscale=None, drop_path_rate=0.0, mask_token=False):
+                 layerscale=None, drop_path_rate=0.0, mask_token=False, init="trunc_normal"):
         super().__init__()
+        check_choice("init", init, INIT_SCHEMES)
         self.embed_dim, self.num_prefix = embed_dim, 1 + num_registers
         self.patch_embed = nn.Linear(piece_dim, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -178,7 +205,8 @@ class TokenEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, True, ffn, layerscale, float(d))
                                     for d in dpr)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.apply(init_weights)
+        self.init_scheme = init
+        self.apply(partial(init_weights, scheme=init))
         nn.init.xavier_uniform_(self.patch_embed.weight)  # as a conv patch embedding, per MAE
         nn.init.normal_(self.cls_token, std=0.02)
         if self.registers is not None:
@@ -222,17 +250,19 @@ class TokenEncoder(nn.Module):
 
 class VisionTransformer(TokenEncoder):
     """ViT for C-band images: patch embedding of C*p*p values per patch, a CLS token, optional register
-    tokens, learned position embeddings (sin-cos initialised, interpolated for other input sizes)."""
+    tokens, 2-D sin-cos position embeddings (interpolated for other input sizes), learned from there
+    (`pos_embed="learned"`) or fixed (`"fixed"`, as MAE's encoder)."""
 
     streams = ("spatial",)
 
-    def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12, **kwargs):
+    def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
+                 pos_embed="learned", **kwargs):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         super().__init__(in_chans * patch_size ** 2, embed_dim, depth, num_heads, **kwargs)
         self.in_chans, self.patch_size = in_chans, patch_size
         self.grid = (img_size // patch_size, img_size // patch_size)
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid)[None])
+        set_pos_embed(self, sincos_pos_embed(embed_dim, *self.grid)[None], pos_embed)
 
     def grid_size(self, x):
         H, W = x.shape[-2:]
@@ -242,7 +272,7 @@ class VisionTransformer(TokenEncoder):
         return H // p, W // p
 
     def interpolate_pos_embed(self, h, w):
-        """(1, h*w, D): the learned grid resized bicubically when the input size differs from training."""
+        """(1, h*w, D): the position grid resized bicubically when the input size differs from training."""
         if (h, w) == self.grid:
             return self.pos_embed
         pe = self.pos_embed.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
@@ -379,21 +409,24 @@ class SpatialSpectralViT(nn.Module):
     the streams. Hiding is exact across streams: a masked/dropped spatial patch is excluded from the
     spectral stream's pooling, and a masked/dropped band group is zeroed (= its band mean) in the
     spatial stream's patches, so no stream sees what the other one hides. Dense features for the
-    decoders are the spatial stream's patch tokens (informed by the spectral stream through fusion)."""
+    decoders are the spatial stream's patch tokens (informed by the spectral stream through fusion).
+    `pos_embed` is the spatial stream's (learned or fixed); the spectral stream's positions are always
+    as in `SpectralEncoder`."""
 
     streams = ("spatial", "spectral")
 
     def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
-                 spectral_patch=2, spectral_pool=8, fuse_every=3, wavelengths=None, num_registers=4, **kwargs):
+                 spectral_patch=2, spectral_pool=8, fuse_every=3, wavelengths=None, num_registers=4,
+                 pos_embed="learned", **kwargs):
         super().__init__()
         self.spatial = VisionTransformer(in_chans, img_size, patch_size, embed_dim, depth, num_heads,
-                                         num_registers=num_registers, **kwargs)
+                                         pos_embed=pos_embed, num_registers=num_registers, **kwargs)
         self.spectral = SpectralEncoder(in_chans, spectral_patch, spectral_pool, embed_dim, depth, num_heads,
                                         wavelengths, num_registers=num_registers, **kwargs)
         self.fuse_after = [i for i in range(fuse_every - 1, depth - 1, fuse_every)]
         self.fusions = nn.ModuleList(Fusion(embed_dim) for _ in self.fuse_after)
         self.in_chans, self.patch_size, self.grid = in_chans, patch_size, self.spatial.grid
-        self.embed_dim, self.num_prefix = embed_dim, self.spatial.num_prefix
+        self.embed_dim, self.num_prefix, self.init_scheme = embed_dim, self.spatial.num_prefix, self.spatial.init_scheme
 
     def grid_size(self, x):
         return self.spatial.grid_size(x)
@@ -510,16 +543,16 @@ class SpectralSpatialTransformer(nn.Module):
     """MaskedSST-style factorised transformer (Scheibenreif et al., CVPRW 2023). Tokens are cubes of
     p x p pixels x `spectral_patch` bands: (B, S, N, D) with S spectral blocks and N = h*w patches. Each
     spectral block has its own linear embedding (blockwise patch embedding); a token's position is the
-    sum of a 2-D spatial embedding (learned, sin-cos initialised) and a spectral one (fixed sin-cos of the
-    block's centre wavelength, or learned when wavelengths are unknown). Blocks alternate between
-    attention over space and over spectrum. No CLS token: dense features are the tokens averaged over
-    the spectral blocks."""
+    sum of a 2-D spatial embedding (sin-cos, learned from there or `pos_embed="fixed"`) and a spectral
+    one (fixed sin-cos of the block's centre wavelength, or learned when wavelengths are unknown). Blocks
+    alternate between attention over space and over spectrum. No CLS token: dense features are the tokens
+    averaged over the spectral blocks."""
 
     streams = ("spatial",)
 
     def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
                  spectral_patch=8, wavelengths=None, mlp_ratio=4.0, ffn="mlp", layerscale=None,
-                 drop_path_rate=0.0, num_registers=0, mask_token=True):
+                 drop_path_rate=0.0, num_registers=0, mask_token=True, init="trunc_normal", pos_embed="learned"):
         super().__init__()
         if in_chans % spectral_patch:
             raise ValueError(f"{in_chans} bands do not split into blocks of {spectral_patch} (--spectral-patch)")
@@ -527,6 +560,8 @@ class SpectralSpatialTransformer(nn.Module):
             raise ValueError("the sst backbone has no register tokens")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        check_choice("init", init, INIT_SCHEMES)
+        self.init_scheme = init
         self.in_chans, self.patch_size, self.spectral_patch = in_chans, patch_size, spectral_patch
         self.num_blocks, self.embed_dim = in_chans // spectral_patch, embed_dim
         self.grid = (img_size // patch_size, img_size // patch_size)
@@ -535,7 +570,7 @@ class SpectralSpatialTransformer(nn.Module):
         self.embed_bias = nn.Parameter(torch.zeros(self.num_blocks, embed_dim))
         bound = (6 / (piece + embed_dim)) ** 0.5
         nn.init.uniform_(self.embed_weight, -bound, bound)
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid)[None])  # (1, N, D)
+        set_pos_embed(self, sincos_pos_embed(embed_dim, *self.grid)[None], pos_embed)  # (1, N, D)
         if wavelengths is not None:
             if len(wavelengths) != in_chans:
                 raise ValueError(f"{len(wavelengths)} wavelengths for {in_chans} bands")
@@ -550,7 +585,7 @@ class SpectralSpatialTransformer(nn.Module):
             FactorizedBlock("spatial" if i % 2 == 0 else "spectral", embed_dim, num_heads, mlp_ratio, True, ffn,
                             layerscale, float(d)) for i, d in enumerate(dpr))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.blocks.apply(init_weights)
+        self.blocks.apply(partial(init_weights, scheme=init))
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
@@ -639,6 +674,11 @@ class PixelBackbone(nn.Module):
 
 BACKBONES = {"vit": VisionTransformer, "ssvit": SpatialSpectralViT, "sst": SpectralSpatialTransformer}
 
+# Recipe options (issue #13) and the value a backbone config without them means: what every backbone was
+# before they existed. The constructors' defaults are these values and must stay so; scripts change the
+# defaults of their flags instead, once measurements pick them.
+LEGACY_OPTIONS = {"init": "trunc_normal", "pos_embed": "learned"}
+
 
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
     """The one factory every script uses: vit | ssvit | sst at size tiny | small | base, pixel, the CNN
@@ -647,8 +687,11 @@ def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **
     any backbone). The returned module carries `.config`, which checkpoints store and
     `build_backbone(**config)` rebuilds. `bands` (HSIDataset.band_info: the file's band indices the
     model reads and their wavelengths) is only recorded in the config, so that data read later with this
-    checkpoint is read with the same bands."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    checkpoint is read with the same bands. The recipe options (`LEGACY_OPTIONS`: init, pos_embed) are
+    recorded only when they differ from their legacy value, so the configs
+    of checkpoints written before they existed, and of models built without them, stay the same."""
+    kwargs = {k: v for k, v in kwargs.items()
+              if v is not None and not (k in LEGACY_OPTIONS and v == LEGACY_OPTIONS[k])}
     record = {"bands": kwargs.pop("bands")} if "bands" in kwargs else {}
     if name in ("pixel", "resnet50v1c"):
         model = PixelBackbone(in_chans) if name == "pixel" else ResNetV1c(in_chans)
@@ -682,7 +725,7 @@ class MAEDecoder(nn.Module):
     """A light transformer that fills the dropped pieces of one stream with a mask token, adds fixed
     positions and predicts the dropped pieces' values."""
 
-    def __init__(self, enc_dim, num_prefix, pos, piece_dim, dim, depth, heads):
+    def __init__(self, enc_dim, num_prefix, pos, piece_dim, dim, depth, heads, init="trunc_normal"):
         super().__init__()
         self.num_prefix = num_prefix
         self.decoder_embed = nn.Linear(enc_dim, dim)
@@ -691,7 +734,7 @@ class MAEDecoder(nn.Module):
         self.decoder_blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, piece_dim)
-        self.apply(init_weights)
+        self.apply(partial(init_weights, scheme=init))
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, latent, ids_restore, ids_masked):
@@ -713,7 +756,8 @@ class MAE(nn.Module):
     random share of its pieces (75% of the patches; `spectral_mask_ratio` of the band groups); the encoder
     sees only what is left (plus CLS and registers); one light decoder per stream reconstructs its
     dropped pieces (all bands of a patch; a band group's pooled image); the loss is the MSE on dropped
-    pieces only, optionally against per-piece normalised targets, averaged over the streams."""
+    pieces only, optionally against per-piece normalised targets, averaged over the streams. The decoders
+    are initialised with the encoder's scheme (`init`)."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
                  norm_pix_loss=True, spectral_mask_ratio=0.5):
@@ -725,7 +769,7 @@ class MAE(nn.Module):
         positions = [sincos_pos_embed(decoder_dim, h, w), sincos_1d(decoder_dim, np.arange(pieces[-1].shape[1]))]
         self.decoders = nn.ModuleList(
             MAEDecoder(encoder.embed_dim, encoder.num_prefix, pos, piece.shape[-1], decoder_dim, decoder_depth,
-                       decoder_heads) for pos, piece in zip(positions, pieces))
+                       decoder_heads, encoder.init_scheme) for pos, piece in zip(positions, pieces))
 
     @property
     def mask_ratio(self):

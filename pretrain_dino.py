@@ -72,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="cosine start/end")
     p.add_argument("--clip-grad", type=float, default=3.0)
+    common.add_recipe_args(p)
     common.add_run_args(p, out="runs/dino")
     args = p.parse_args(argv)
     if args.blr is None:
@@ -242,7 +243,7 @@ def build(args, in_chans, wavelengths=None, bands=None):
     backbone = build_backbone(args.backbone, args.size, in_chans, args.img_size, args.patch_size,
                               num_registers=args.registers, ffn=args.ffn, layerscale=args.layerscale or None,
                               drop_path_rate=args.drop_path, mask_token=True, spectral_patch=args.spectral_patch,
-                              wavelengths=wavelengths, bands=bands)
+                              wavelengths=wavelengths, bands=bands, init=args.init_scheme, pos_embed=args.pos_embed)
     heads = lambda: [DINOHead(backbone.embed_dim, args.prototypes, args.head_hidden, args.head_bottleneck)  # noqa
                      for _ in backbone.streams]
     student = Student(backbone, heads(), heads() if args.separate_ibot_head else None)

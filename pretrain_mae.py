@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--band-gain", type=float, default=0.0, help="per-band gain jitter, e.g. 0.02")
     p.add_argument("--image-every", type=int, default=100, help="reconstructions to TensorBoard every N steps")
     p.add_argument("--rgb-bands", type=int, nargs=3, default=None, help="bands shown in pictures (default: true colour)")
+    common.add_recipe_args(p)
     common.add_run_args(p, out="runs/mae")
     return p.parse_args(argv)
 
@@ -62,7 +63,8 @@ def parse_args(argv=None):
 def build_model(args, ds):
     encoder = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
                              num_registers=args.registers, ffn=args.ffn, spectral_patch=args.spectral_patch,
-                             wavelengths=ds.wavelengths, bands=ds.band_info)
+                             wavelengths=ds.wavelengths, bands=ds.band_info, init=args.init_scheme,
+                             pos_embed=args.pos_embed)
     if args.backbone == "sst":
         return SimMIM(encoder, args.mask_ratio or 0.7)
     dim, depth, heads = MAE_DECODER_SIZES[args.size]

@@ -1,4 +1,5 @@
-"""Issue #13 recipe options: DINO's momentum, lr scaling, fp32 head and KoLeo, probing the student."""
+"""Recipe options of issue #13: init schemes, fixed positions, DINO's momentum, lr scaling, fp32 head
+and KoLeo, probing the student. Defaults stay as before."""
 import math
 
 import pytest
@@ -9,8 +10,97 @@ import torch.nn.functional as F
 import common
 import finetune_seg
 import pretrain_dino
-from models import DINOHead
+from models import MAE, DINOHead, build_backbone, init_weights
 from test_pretrain_dino import dino_args
+
+
+# ----------------------------------------------------------------------------- init schemes
+
+def linears(module):
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def xavier_std(layer):
+    """std of xavier_uniform: bound sqrt(6 / (fan_in + fan_out)) / sqrt(3)."""
+    return math.sqrt(6 / (layer.in_features + layer.out_features)) / math.sqrt(3)
+
+
+@pytest.mark.parametrize("name,kw", [("vit", {}), ("ssvit", {"spectral_patch": 2}), ("sst", {"spectral_patch": 4})])
+def test_xavier_init_matches_the_xavier_bound(name, kw):
+    torch.manual_seed(0)
+    model = build_backbone(name, "tiny", 8, img_size=32, init="xavier", **kw)
+    blocks = model.blocks if name != "ssvit" else model.spatial.blocks
+    for layer in linears(blocks):
+        assert layer.weight.std().item() == pytest.approx(xavier_std(layer), rel=0.05)
+        assert layer.bias is None or not layer.bias.any()
+    assert model.config["init"] == "xavier"
+    twin = build_backbone(**model.config)  # a twin rebuilt from the checkpoint config gets the same scheme
+    assert twin.init_scheme == "xavier"
+    if name == "ssvit":
+        for f in model.fusions:  # fusion still starts as the identity
+            assert not f.to_spatial.weight.any() and not f.to_spectral.weight.any()
+    default = build_backbone(name, "tiny", 8, img_size=32, **kw)
+    assert "init" not in default.config and default.init_scheme == "trunc_normal"  # old configs mean this
+    for layer in linears(default.blocks if name != "ssvit" else default.spatial.blocks):
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_random_xavier_vit_transforms_its_input_more():
+    x = torch.randn(4, 8, 32, 32)
+
+    def cosine(init):
+        torch.manual_seed(0)
+        vit = build_backbone("vit", "tiny", 8, img_size=32, init=init).eval()
+        t0 = t = vit.embed(x)
+        for blk in vit.blocks:
+            t = blk(t)
+        return F.cosine_similarity(t[:, 1:], t0[:, 1:], dim=-1).mean().item()  # block-12 output vs embedding
+    trunc, xavier = cosine("trunc_normal"), cosine("xavier")
+    assert trunc > 0.9 and xavier < 0.8, (trunc, xavier)
+
+
+def test_mae_decoder_follows_the_encoder_init_and_defaults_are_unchanged():
+    torch.manual_seed(0)
+    mae = MAE(build_backbone("vit", "tiny", 8, img_size=32, init="xavier"), 64, 2, 4)
+    for layer in linears(mae.decoders[0].decoder_blocks):
+        assert layer.weight.std().item() == pytest.approx(xavier_std(layer), rel=0.05)
+    # The default build draws the same numbers as before the option existed.
+    torch.manual_seed(0)
+    new = build_backbone("vit", "tiny", 8, img_size=32, init="trunc_normal")
+    torch.manual_seed(0)
+    old = build_backbone("vit", "tiny", 8, img_size=32)
+    for (k, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+        assert torch.equal(a, b), k
+    layer = nn.Linear(64, 32)
+    init_weights(layer)
+    assert layer.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError, match="unknown init 'kaiming'"):
+        build_backbone("vit", "tiny", 8, img_size=32, init="kaiming")
+
+
+# ----------------------------------------------------------------------------- fixed position embeddings
+
+@pytest.mark.parametrize("name,kw", [("vit", {}), ("ssvit", {"spectral_patch": 2}), ("sst", {"spectral_patch": 4})])
+def test_fixed_pos_embed_is_a_buffer_that_never_changes(name, kw):
+    torch.manual_seed(0)
+    model = build_backbone(name, "tiny", 8, img_size=32, pos_embed="fixed", **kw)
+    owner = model.spatial if name == "ssvit" else model
+    key = "spatial.pos_embed" if name == "ssvit" else "pos_embed"
+    assert key not in dict(model.named_parameters()) and key in model.state_dict()
+    assert model.config["pos_embed"] == "fixed"
+    before = owner.pos_embed.clone()
+    opt = common.adamw(common.decay_groups(model, 0.05), 1e-2)
+    x = torch.randn(2, 8, 32, 32)
+    out = model.forward_tokens(x) if name == "sst" else model.encode(x)[0]
+    out.square().mean().backward()
+    opt.step()
+    assert torch.equal(owner.pos_embed, before)
+    assert all(p is not owner.pos_embed for g in opt.param_groups for p in g["params"])  # never weight-decayed
+    # Checkpoints load either way: same key, same shape.
+    learned = build_backbone(name, "tiny", 8, img_size=32, **kw)
+    assert isinstance(learned.spatial.pos_embed if name == "ssvit" else learned.pos_embed, nn.Parameter)
+    learned.load_state_dict(model.state_dict())
+    model.load_state_dict(learned.state_dict())
 
 
 # ----------------------------------------------------------------------------- DINO
@@ -71,10 +161,12 @@ def test_backbone_weights_teacher_or_student():
 
 def test_probe_the_dino_student(scene, cache_dir, tmp_path, capsys):
     pre = tmp_path / "d"
-    pretrain_dino.main(dino_args(scene, pre, cache_dir, 2, 4, "--lr-scaling", "sqrt"))
+    pretrain_dino.main(dino_args(scene, pre, cache_dir, 2, 4, "--init-scheme", "xavier", "--pos-embed", "fixed",
+                                 "--lr-scaling", "sqrt"))
     printed = capsys.readouterr().out
     assert "final teacher keeps" in printed and "sqrt scaling of blr 0.004" in printed
     dino = torch.load(pre / "ckpt.pt", weights_only=False)
+    assert dino["backbone"]["init"] == "xavier" and dino["backbone"]["pos_embed"] == "fixed"
     seg = ["--data", scene, "--cache-dir", cache_dir, "--img-size", "16", "--batch-size", "2", "--steps", "1",
            "--eval-every", "1", "--workers", "0", "--init", str(pre / "ckpt.pt")]
     for which in ("student", "teacher"):
