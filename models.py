@@ -408,7 +408,8 @@ class SpatialSpectralViT(nn.Module):
     After every `fuse_every` blocks (not after the last) a `Fusion` block exchanges information between
     the streams. Hiding is exact across streams: a masked/dropped spatial patch is excluded from the
     spectral stream's pooling, and a masked/dropped band group is zeroed (= its band mean) in the
-    spatial stream's patches, so no stream sees what the other one hides. Dense features for the
+    spatial stream's patches, so no stream sees what the other one hides (`encode(...,
+    hide_bands_from_spatial=False)` leaves the spatial stream all bands). Dense features for the
     decoders are the spatial stream's patch tokens (informed by the spectral stream through fusion).
     `pos_embed` is the spatial stream's (learned or fixed); the spectral stream's positions are always
     as in `SpectralEncoder`."""
@@ -451,15 +452,20 @@ class SpatialSpectralViT(nn.Module):
             hid = torch.ones_like(hid).scatter(1, keep, False)
         return hid | mask if mask is not None else hid
 
-    def embed(self, x, keep=(None, None), mask=(None, None)):
+    def embed(self, x, keep=(None, None), mask=(None, None), hide_bands_from_spatial=True):
+        """-> (spatial tokens, spectral tokens) entering the blocks. With hide_bands_from_spatial=False
+        the band groups hidden from the spectral stream stay in the spatial stream's patches."""
         B, C, H, W = x.shape
         (h, w), p, g = self.grid_size(x), self.patch_size, self.spectral.group
         hid_patch = self.hidden(B, h * w, keep[0], mask[0], x.device)
-        hid_group = self.hidden(B, self.spectral.num_groups, keep[1], mask[1], x.device)
-        band_visible = (~hid_group).repeat_interleave(g, dim=1)[:, :, None, None].to(x.dtype)  # (B, C, 1, 1)
         pixel_visible = (~hid_patch).reshape(B, 1, h, 1, w, 1).expand(-1, -1, -1, p, -1, p)
         pixel_visible = pixel_visible.reshape(B, 1, H, W).to(x.dtype)
-        s = self.spatial.embed_tokens(patchify(x * band_visible, p), self.spatial.interpolate_pos_embed(h, w),
+        if hide_bands_from_spatial:
+            hid_group = self.hidden(B, self.spectral.num_groups, keep[1], mask[1], x.device)
+            x_spatial = x * (~hid_group).repeat_interleave(g, dim=1)[:, :, None, None].to(x.dtype)  # (B, C, H, W)
+        else:
+            x_spatial = x
+        s = self.spatial.embed_tokens(patchify(x_spatial, p), self.spatial.interpolate_pos_embed(h, w),
                                       keep[0], mask[0])
         t = self.spectral.embed_tokens(self.spectral.pieces(x, pixel_visible), self.spectral.pos_embed,
                                        keep[1], mask[1])
@@ -477,10 +483,10 @@ class SpatialSpectralViT(nn.Module):
                 outs.append(self.spatial.norm(s))
         return self.spatial.norm(s), self.spectral.norm(t), outs
 
-    def encode(self, x, keep=(None, None), mask=(None, None)):
+    def encode(self, x, keep=(None, None), mask=(None, None), hide_bands_from_spatial=True):
         """(B, C, H, W) -> [spatial tokens (B, 1 + R + Ks, D), spectral tokens (B, 1 + R + Kg, D)],
-        normalised; keep/mask per stream as in `TokenEncoder.embed_tokens`."""
-        s, t, _ = self.run_blocks(*self.embed(x, keep, mask))
+        normalised; keep/mask per stream as in `TokenEncoder.embed_tokens`; see `embed` for the last."""
+        s, t, _ = self.run_blocks(*self.embed(x, keep, mask, hide_bands_from_spatial))
         return [s, t]
 
     def forward(self, x):
@@ -757,11 +763,16 @@ class MAE(nn.Module):
     sees only what is left (plus CLS and registers); one light decoder per stream reconstructs its
     dropped pieces (all bands of a patch; a band group's pooled image); the loss is the MSE on dropped
     pieces only, optionally against per-piece normalised targets, averaged over the streams. The decoders
-    are initialised with the encoder's scheme (`init`)."""
+    are initialised with the encoder's scheme (`init`). For the spatial-spectral ViT,
+    `hide_bands_from_spatial=False` keeps the band groups the spectral stream drops in the spatial
+    stream's patches (see `SpatialSpectralViT.embed`)."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
-                 norm_pix_loss=True, spectral_mask_ratio=0.5):
+                 norm_pix_loss=True, spectral_mask_ratio=0.5, hide_bands_from_spatial=True):
         super().__init__()
+        if not hide_bands_from_spatial and len(encoder.streams) < 2:
+            raise ValueError("hide_bands_from_spatial=False is for the spatial-spectral ViT (ssvit) only")
+        self.encode_options = {} if hide_bands_from_spatial else {"hide_bands_from_spatial": False}
         self.encoder, self.norm_pix_loss = encoder, norm_pix_loss
         self.ratios = [mask_ratio, spectral_mask_ratio][:len(encoder.streams)]
         h, w = encoder.grid
@@ -810,7 +821,7 @@ class MAE(nn.Module):
             raise ValueError(f"MAE is trained at {self.encoder.grid} patches, got input {tuple(x.shape[-2:])}")
         targets = self.encoder.pieces(x)  # per stream (B, N, piece_dim)
         ids = [self.random_masking(x.shape[0], t.shape[1], x.device, r) for t, r in zip(targets, self.ratios)]
-        latents = self.encoder.encode(x, keep=[i[0] for i in ids])
+        latents = self.encoder.encode(x, keep=[i[0] for i in ids], **self.encode_options)
         preds, losses = [], []
         for decoder, latent, target, (_, ids_masked, ids_restore) in zip(self.decoders, latents, targets, ids):
             preds.append(decoder(latent, ids_restore, ids_masked))

@@ -32,6 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
     p.add_argument("--mask-ratio", type=float, default=None, help="share of patches masked (MAE 0.75; sst 0.7)")
     p.add_argument("--spectral-mask-ratio", type=float, default=0.5, help="ssvit: share of band groups dropped")
+    p.add_argument("--hide-bands-from-spatial", action=argparse.BooleanOptionalAction, default=True,
+                   help="ssvit: zero the band groups dropped for the spectral stream in the spatial stream's patches too "
+                   "(exact hiding; but then the spatial encoder never sees all bands until fine-tuning). With --no-... "
+                   "the spatial stream sees all bands of its visible patches, and through fusion the spectral "
+                   "decoder can read the dropped groups at those pixels (part of its target)")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised targets (MAE paper: better representations)")
     p.add_argument("--decoder-dim", type=int, default=None, help="default by --size; base: 512 (MAE paper)")
@@ -69,7 +74,7 @@ def build_model(args, ds):
         return SimMIM(encoder, args.mask_ratio or 0.7)
     dim, depth, heads = MAE_DECODER_SIZES[args.size]
     return MAE(encoder, args.decoder_dim or dim, args.decoder_depth or depth, args.decoder_heads or heads,
-               args.mask_ratio or 0.75, args.norm_pix_loss, args.spectral_mask_ratio)
+               args.mask_ratio or 0.75, args.norm_pix_loss, args.spectral_mask_ratio, args.hide_bands_from_spatial)
 
 
 def log_reconstructions(logger, model, x, outputs, bands, step, n=4):

@@ -1,5 +1,5 @@
-"""Recipe options of issue #13: init schemes, fixed positions, DINO's momentum, lr scaling, fp32 head
-and KoLeo, probing the student. Defaults stay as before."""
+"""Recipe options of issue #13: init schemes, fixed positions, SS-ViT band hiding, DINO's momentum, lr
+scaling, fp32 head and KoLeo, probing the student. Defaults stay as before."""
 import math
 
 import pytest
@@ -101,6 +101,44 @@ def test_fixed_pos_embed_is_a_buffer_that_never_changes(name, kw):
     assert isinstance(learned.spatial.pos_embed if name == "ssvit" else learned.pos_embed, nn.Parameter)
     learned.load_state_dict(model.state_dict())
     model.load_state_dict(learned.state_dict())
+
+
+# ----------------------------------------------------------------------------- SS-ViT MAE: hiding bands
+
+def ssvit_mae(hide):
+    torch.manual_seed(0)
+    enc = build_backbone("ssvit", "tiny", 8, img_size=32, patch_size=8, spectral_patch=2, spectral_pool=4,
+                         fuse_every=2).eval()
+    for p in enc.fusions.parameters():  # zero at init (identity); randomised so the streams interact
+        nn.init.normal_(p, std=0.05)
+    return MAE(enc, 32, 1, 2, mask_ratio=0.75, spectral_mask_ratio=0.5, hide_bands_from_spatial=hide)
+
+
+@pytest.mark.parametrize("hide", [True, False])
+def test_spatial_stream_sees_all_bands_when_told_to(hide):
+    mae = ssvit_mae(hide)
+    enc, x = mae.encoder, torch.randn(2, 8, 32, 32)
+    entering = []
+    enc.spatial.blocks[0].register_forward_hook(lambda mod, inp, out: entering.append(inp[0]))
+    torch.manual_seed(1)
+    _, _, (patches_masked, groups_masked) = mae(x)
+    torch.manual_seed(1)
+    keep_patches = mae.random_masking(2, 16, "cpu")[0]  # the same draw as inside forward
+    assert groups_masked.shape == (2, 2)
+    enc.encode(x, keep=(keep_patches, None))  # same patches dropped, every band group visible
+    if hide:
+        assert not torch.allclose(entering[0], entering[1])
+    else:
+        torch.testing.assert_close(entering[0], entering[1])  # the spatial stream's tokens: all bands
+    # The spectral targets are the dropped groups either way.
+    torch.manual_seed(1)
+    _, preds, (_, groups) = mae(x)
+    assert preds[1].shape == (2, 2, 2 * 4 * 4) and torch.equal(groups, groups_masked)
+
+
+def test_hide_bands_option_needs_two_streams():
+    with pytest.raises(ValueError, match="ssvit"):
+        MAE(build_backbone("vit", "tiny", 8, img_size=32), 32, 1, 2, hide_bands_from_spatial=False)
 
 
 # ----------------------------------------------------------------------------- DINO
