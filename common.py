@@ -1,5 +1,6 @@
 """What every training script needs: distributed init/teardown, seeding, precision, schedules,
 checkpoints with exact resume, and logging. Nothing model- or data-specific lives here."""
+import argparse
 import json
 import math
 import os
@@ -50,9 +51,9 @@ def add_run_args(parser, out):
     add_debug_arg(p)
 
 
-def add_recipe_args(parser):
+def add_recipe_args(parser, sst=False):
     """The backbone recipe options of issue #13 (models.LEGACY_OPTIONS), defaults unchanged until
-    measured."""
+    measured; `sst`: also the MaskedSST options of the factorised transformer."""
     p = parser
     p.add_argument("--init-scheme", default="trunc_normal", choices=["trunc_normal", "xavier"],
                    help="Linear-layer init of vit/ssvit/sst (and the MAE decoder). xavier = MAE's xavier_uniform: "
@@ -61,6 +62,24 @@ def add_recipe_args(parser):
     p.add_argument("--pos-embed", default="learned", choices=["learned", "fixed"],
                    help="2-D sin-cos position embedding of the patches (vit, the spatial stream of ssvit, sst): "
                    "trained from its sin-cos init, or fixed as MAE's encoder (not trained, not weight-decayed)")
+    if sst:
+        p.add_argument("--block-order", default=None, choices=["alternating", "spatial-first"],
+                       help="sst: blocks alternate spatial/spectral attention (default), or all spatial blocks come "
+                       "first, then the spectral ones, as MaskedSST's reference implementation")
+        p.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=False,
+                       help="sst: LayerNorms before and after the blockwise token embedding, as MaskedSST's reference")
+
+
+def parse_with_preset(parser, argv, presets):
+    """Parse argv; with --preset NAME, presets[NAME] (argparse names -> values) become the defaults
+    and argv is parsed again, so flags given explicitly still win."""
+    parser.add_argument("--preset", default=None, choices=sorted(presets), help="a named set of defaults: "
+                        + "; ".join(f"{k}: {' '.join(f'{a}={v}' for a, v in d.items())}" for k, d in presets.items()))
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**presets[args.preset])
+        args = parser.parse_args(argv)
+    return args
 
 
 def add_debug_arg(parser):

@@ -157,7 +157,7 @@ def add_backbone_args(p):
     p.add_argument("--init-weights", default="teacher", choices=["teacher", "student"], help="with --init: the "
                    "network whose backbone is read; student = the DINO student (the teacher of a short run still holds "
                    "much of its random init: pretrain_dino.py prints how much). Other checkpoints hold one network")
-    common.add_recipe_args(p)  # for random init; with --init the checkpoint's config wins
+    common.add_recipe_args(p, sst=True)  # for random init; with --init the checkpoint's config wins
 
 
 def add_split_args(p):
@@ -193,7 +193,7 @@ def load_backbone(args, ds, **overrides):
         options = {} if not transformer else {
             "num_registers": args.registers, "ffn": args.ffn, "spectral_patch": args.spectral_patch,
             "wavelengths": None if getattr(args, "pca", None) else ds.wavelengths, "init": args.init_scheme,
-            "pos_embed": args.pos_embed, **overrides}
+            "pos_embed": args.pos_embed, "block_order": args.block_order, "embed_norm": args.embed_norm, **overrides}
         return build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size, bands=ds.band_info,
                               **options), None
     ckpt = common.load_checkpoint(args.init)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import common
 import data
+import models
 from data import IGNORE_INDEX
 from eval import (add_backbone_args, add_split_args, colorize, evaluate, format_table, fully_convolutional,
                   load_backbone, split_scene)
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
     p.add_argument("--eval-batch-size", type=int, default=16)
     common.add_run_args(p, out="runs/seg")
-    return p.parse_args(argv)
+    return common.parse_with_preset(p, argv, models.PRESETS)  # maskedsst: 8 px tiles, a per-pixel linear head
 
 
 def build_model(args, ds):

@@ -523,6 +523,18 @@ class SpatialSpectralViT(nn.Module):
 
 # ----------------------------------------------------------------------------- MaskedSST-style transformer
 
+BLOCK_ORDERS = ("alternating", "spatial-first")
+
+
+def block_axes(order, depth):
+    """The attention axis of each of `depth` factorised blocks: alternating spatial/spectral, or
+    spatial-first (the first half spatial, the rest spectral)."""
+    check_choice("block_order", order, BLOCK_ORDERS)
+    if order == "alternating":
+        return ["spatial" if i % 2 == 0 else "spectral" for i in range(depth)]
+    return ["spatial"] * ((depth + 1) // 2) + ["spectral"] * (depth // 2)
+
+
 class FactorizedBlock(nn.Module):
     """A transformer block over one axis of a (B, S, N, D) token cube: "spatial" attends among the N
     patches of each spectral block, "spectral" among the S spectral blocks of each patch."""
@@ -550,15 +562,26 @@ class SpectralSpatialTransformer(nn.Module):
     p x p pixels x `spectral_patch` bands: (B, S, N, D) with S spectral blocks and N = h*w patches. Each
     spectral block has its own linear embedding (blockwise patch embedding); a token's position is the
     sum of a 2-D spatial embedding (sin-cos, learned from there or `pos_embed="fixed"`) and a spectral
-    one (fixed sin-cos of the block's centre wavelength, or learned when wavelengths are unknown). Blocks
-    alternate between attention over space and over spectrum. No CLS token: dense features are the tokens
-    averaged over the spectral blocks."""
+    one (fixed sin-cos of the block's centre wavelength, or learned when wavelengths are unknown). No CLS
+    token: dense features are the tokens averaged over the spectral blocks.
+
+    `block_order`: "alternating" (blocks alternate attention over space and over spectrum) or
+    "spatial-first" (the reference, HSG-AIML/MaskedSST src/vit_spatial_spectral.py `ViTSpatialSpectral`:
+    one Transformer of spatial blocks - every spectral block's N tokens attend among themselves - then
+    one Transformer of spectral blocks - every pixel's S tokens; the reference stacks `depth` of each,
+    here the first half of the `depth` blocks is spatial and the second half spectral, so both orders
+    have the same blocks and FLOPs). `embed_norm` adds the reference's `BlockwisePatchEmbedding` norms:
+    one LayerNorm over a token's raw p*p*spectral_patch values (shared by all spectral blocks) before the
+    blockwise linear embedding, and one LayerNorm over D after it, before the positions are added (and
+    before masked tokens are replaced by the mask token, as the reference's SimMIM does). The reference's
+    configs use 1 x 1 pixel x 10 band tokens on 8 x 8 windows (`models.PRESETS["maskedsst"]`)."""
 
     streams = ("spatial",)
 
     def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
                  spectral_patch=8, wavelengths=None, mlp_ratio=4.0, ffn="mlp", layerscale=None,
-                 drop_path_rate=0.0, num_registers=0, mask_token=True, init="trunc_normal", pos_embed="learned"):
+                 drop_path_rate=0.0, num_registers=0, mask_token=True, init="trunc_normal", pos_embed="learned",
+                 block_order="alternating", embed_norm=False):
         super().__init__()
         if in_chans % spectral_patch:
             raise ValueError(f"{in_chans} bands do not split into blocks of {spectral_patch} (--spectral-patch)")
@@ -576,6 +599,9 @@ class SpectralSpatialTransformer(nn.Module):
         self.embed_bias = nn.Parameter(torch.zeros(self.num_blocks, embed_dim))
         bound = (6 / (piece + embed_dim)) ** 0.5
         nn.init.uniform_(self.embed_weight, -bound, bound)
+        # The reference's LayerNorms around the embedding (default eps, as there); absent by default.
+        self.embed_pre_norm = nn.LayerNorm(piece) if embed_norm else None
+        self.embed_post_norm = nn.LayerNorm(embed_dim) if embed_norm else None
         set_pos_embed(self, sincos_pos_embed(embed_dim, *self.grid)[None], pos_embed)  # (1, N, D)
         if wavelengths is not None:
             if len(wavelengths) != in_chans:
@@ -587,9 +613,8 @@ class SpectralSpatialTransformer(nn.Module):
             nn.init.trunc_normal_(self.spectral_pos, std=0.02)
         self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if mask_token else None
         dpr = np.linspace(0, drop_path_rate, depth)
-        self.blocks = nn.ModuleList(
-            FactorizedBlock("spatial" if i % 2 == 0 else "spectral", embed_dim, num_heads, mlp_ratio, True, ffn,
-                            layerscale, float(d)) for i, d in enumerate(dpr))
+        self.blocks = nn.ModuleList(FactorizedBlock(axis, embed_dim, num_heads, mlp_ratio, True, ffn, layerscale,
+                                                    float(d)) for axis, d in zip(block_axes(block_order, depth), dpr))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.blocks.apply(partial(init_weights, scheme=init))
         if self.mask_token is not None:
@@ -618,7 +643,12 @@ class SpectralSpatialTransformer(nn.Module):
     def embed(self, x, mask=None):
         """(B, C, H, W) -> (B, S, N, D); mask (B, S, N) True -> the mask token."""
         h, w = self.grid_size(x)
-        t = torch.einsum("bsnk,skd->bsnd", self.pieces(x), self.embed_weight) + self.embed_bias[:, None]
+        pieces = self.pieces(x)
+        if self.embed_pre_norm is not None:
+            pieces = self.embed_pre_norm(pieces)
+        t = torch.einsum("bsnk,skd->bsnd", pieces, self.embed_weight) + self.embed_bias[:, None]
+        if self.embed_post_norm is not None:
+            t = self.embed_post_norm(t)
         if mask is not None:
             t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
         return t + self.interpolate_pos_embed(h, w)[:, None] + self.spectral_pos
@@ -683,7 +713,17 @@ BACKBONES = {"vit": VisionTransformer, "ssvit": SpatialSpectralViT, "sst": Spect
 # Recipe options (issue #13) and the value a backbone config without them means: what every backbone was
 # before they existed. The constructors' defaults are these values and must stay so; scripts change the
 # defaults of their flags instead, once measurements pick them.
-LEGACY_OPTIONS = {"init": "trunc_normal", "pos_embed": "learned"}
+LEGACY_OPTIONS = {"init": "trunc_normal", "pos_embed": "learned", "block_order": "alternating", "embed_norm": False}
+
+# Argument presets of pretrain_mae.py / finetune_seg.py (argparse names); flags given explicitly win.
+PRESETS = {
+    # MaskedSST's configs (HSG-AIML/MaskedSST configs/*.yaml, src/vit_spatial_spectral.py): 1 x 1 pixel x
+    # 10 band tokens on 8 x 8 windows, spatial blocks before spectral ones, LayerNorms around the blockwise
+    # embedding. pretrain_mae.py adds its pre-training augmentation (flips, no random resized crop) and
+    # SimMIM masks of 4 x 4 pixels.
+    "maskedsst": dict(backbone="sst", patch_size=1, spectral_patch=10, img_size=8, block_order="spatial-first",
+                      embed_norm=True),
+}
 
 
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
@@ -693,8 +733,8 @@ def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **
     any backbone). The returned module carries `.config`, which checkpoints store and
     `build_backbone(**config)` rebuilds. `bands` (HSIDataset.band_info: the file's band indices the
     model reads and their wavelengths) is only recorded in the config, so that data read later with this
-    checkpoint is read with the same bands. The recipe options (`LEGACY_OPTIONS`: init, pos_embed) are
-    recorded only when they differ from their legacy value, so the configs
+    checkpoint is read with the same bands. The recipe options (`LEGACY_OPTIONS`: init, pos_embed,
+    block_order, embed_norm) are recorded only when they differ from their legacy value, so the configs
     of checkpoints written before they existed, and of models built without them, stay the same."""
     kwargs = {k: v for k, v in kwargs.items()
               if v is not None and not (k in LEGACY_OPTIONS and v == LEGACY_OPTIONS[k])}
@@ -850,11 +890,17 @@ class SimMIM(nn.Module):
     linear head per spectral block predicts each token's pixels, and the loss is the L1 error on masked
     tokens only. Tube masking: a sample's masked patches are masked in every spectral block. Every
     sample masks exactly round(ratio * N) patches and the loss reads the boolean mask itself, so unlike
-    the reference implementation no visible token can enter the loss."""
+    the reference implementation no visible token can enter the loss. `mask_block` k > 1 masks squares
+    of k x k patches (exactly round(ratio * squares) of them), as the reference's mask generator
+    (`mim_mask_patch_size: 4` with 1-pixel patches): single masked pixels are easy to fill in from
+    their visible neighbours."""
 
-    def __init__(self, encoder, mask_ratio=0.7):
+    def __init__(self, encoder, mask_ratio=0.7, mask_block=1):
         super().__init__()
-        self.encoder, self.mask_ratio = encoder, mask_ratio
+        h, w = encoder.grid
+        if mask_block < 1 or h % mask_block or w % mask_block:
+            raise ValueError(f"the {h}x{w} patch grid does not split into {mask_block}x{mask_block} mask blocks")
+        self.encoder, self.mask_ratio, self.mask_block = encoder, mask_ratio, mask_block
         S, D = encoder.num_blocks, encoder.embed_dim
         piece = encoder.spectral_patch * encoder.patch_size ** 2
         self.pred_weight = nn.Parameter(torch.empty(S, D, piece))
@@ -868,10 +914,19 @@ class SimMIM(nn.Module):
         return 3 * (self.encoder.flops(h * w) + 2 * S * h * w * D * piece) - self.encoder.embed_flops(h * w)
 
     def tube_mask(self, B, N, device):
-        """(B, N) boolean, exactly round(ratio * N) True per row, chosen uniformly."""
-        k = int(round(self.mask_ratio * N))
-        ranks = torch.rand(B, N, device=device).argsort(dim=1).argsort(dim=1)
-        return ranks < k
+        """(B, N) boolean, exactly round(ratio * N) True per row, chosen uniformly (in squares of
+        mask_block x mask_block patches: round(ratio * squares) squares)."""
+        b = self.mask_block
+        h, w = (self.encoder.grid if b > 1 else (1, N))
+        if h * w != N:
+            raise ValueError(f"mask blocks are drawn on the training grid {h}x{w}, got {N} patches")
+        n = (h // b) * (w // b)
+        ranks = torch.rand(B, n, device=device).argsort(dim=1).argsort(dim=1)
+        mask = ranks < int(round(self.mask_ratio * n))
+        if b == 1:
+            return mask
+        mask = mask.reshape(B, h // b, 1, w // b, 1).expand(-1, -1, b, -1, b)
+        return mask.reshape(B, N)
 
     def forward(self, x, mask=None):
         """x (B, C, H, W) -> loss, predictions (B, S, N, piece), mask (B, N)."""

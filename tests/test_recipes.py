@@ -1,5 +1,5 @@
-"""Recipe options of issue #13: init schemes, fixed positions, SS-ViT band hiding, DINO's momentum, lr
-scaling, fp32 head and KoLeo, probing the student. Defaults stay as before."""
+"""Recipe options of issue #13: init schemes, fixed positions, SS-ViT band hiding, the MaskedSST preset,
+DINO's momentum, lr scaling, fp32 head and KoLeo, probing the student. Defaults stay as before."""
 import math
 
 import pytest
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 import common
 import finetune_seg
 import pretrain_dino
-from models import MAE, DINOHead, build_backbone, init_weights
+import pretrain_mae
+from conftest import write_scene
+from models import MAE, PRESETS, DINOHead, SegmentationModel, SimMIM, block_axes, build_backbone, init_weights
 from test_pretrain_dino import dino_args
 
 
@@ -139,6 +141,82 @@ def test_spatial_stream_sees_all_bands_when_told_to(hide):
 def test_hide_bands_option_needs_two_streams():
     with pytest.raises(ValueError, match="ssvit"):
         MAE(build_backbone("vit", "tiny", 8, img_size=32), 32, 1, 2, hide_bands_from_spatial=False)
+
+
+# ----------------------------------------------------------------------------- MaskedSST
+
+def test_block_orders():
+    assert block_axes("alternating", 4) == ["spatial", "spectral", "spatial", "spectral"]
+    assert block_axes("spatial-first", 12) == ["spatial"] * 6 + ["spectral"] * 6
+    a = build_backbone("sst", "tiny", 8, img_size=16, spectral_patch=4)
+    b = build_backbone("sst", "tiny", 8, img_size=16, spectral_patch=4, block_order="spatial-first")
+    assert [blk.axis for blk in a.blocks] == block_axes("alternating", 12) and "block_order" not in a.config
+    assert [blk.axis for blk in b.blocks] == block_axes("spatial-first", 12)
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    with pytest.raises(ValueError, match="unknown block_order"):
+        build_backbone("sst", "tiny", 8, img_size=16, spectral_patch=4, block_order="spectral-first")
+    with pytest.raises(ValueError, match="backbone 'vit'"):
+        build_backbone("vit", "tiny", 8, img_size=16, block_order="spatial-first")
+
+
+def test_maskedsst_preset_tokens_order_and_norms():
+    args = pretrain_mae.parse_args(["--preset", "maskedsst"])
+    assert (args.backbone, args.patch_size, args.spectral_patch, args.img_size) == ("sst", 1, 10, 8)
+    assert args.block_order == "spatial-first" and args.embed_norm and args.mask_block == 4
+    assert tuple(args.crop_scale) == (1, 1) and args.flips  # flips only: no resampling that blends spectra
+    assert pretrain_mae.parse_args(["--preset", "maskedsst", "--img-size", "16"]).img_size == 16  # flags win
+    seg = finetune_seg.parse_args(["--preset", "maskedsst"])
+    assert {k: getattr(seg, k) for k in PRESETS["maskedsst"]} == PRESETS["maskedsst"]
+    sst = build_backbone(args.backbone, "tiny", 200, args.img_size, args.patch_size, spectral_patch=args.spectral_patch,
+                         block_order=args.block_order, embed_norm=args.embed_norm).eval()
+    x = torch.randn(2, 200, 8, 8)
+    assert sst.forward_tokens(x).shape == (2, 20, 64, 192)  # 20 spectral blocks x 64 pixels
+    assert [b.axis for b in sst.blocks] == ["spatial"] * 6 + ["spectral"] * 6
+    assert sst.embed_pre_norm.normalized_shape == (10,) and sst.embed_post_norm.normalized_shape == (192,)
+    assert sst.config["block_order"] == "spatial-first" and sst.config["embed_norm"] is True
+    assert build_backbone(**sst.config).embed_pre_norm is not None
+    # The pre-norm sees each token's raw values: a token's offset and scale do not reach the encoder.
+    pieces = sst.pieces(x)
+    scaled = (pieces * 3 + 1).reshape(2, 20, 8, 8, 10).permute(0, 1, 4, 2, 3).reshape(2, 200, 8, 8)
+    torch.testing.assert_close(sst.embed(scaled), sst.embed(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="198 bands do not split into blocks of 10"):
+        build_backbone("sst", "tiny", 198, 8, 1, spectral_patch=10)
+
+
+def test_patch_one_linear_decoder_is_a_per_pixel_head():
+    sst = build_backbone("sst", "tiny", 20, img_size=8, patch_size=1, spectral_patch=10, block_order="spatial-first",
+                         embed_norm=True)
+    model = SegmentationModel(sst, "linear", 5).eval()
+    x = torch.randn(2, 20, 8, 8)
+    assert model(x).shape == (2, 5, 8, 8)  # (B, K, H, W)
+    features = sst.intermediate_layers(x, model.blocks)
+    assert all(f.shape == (2, 192, 8, 8) for _, f in features)  # one feature per pixel: stride 1, no upsampling
+    assert model.decoder.classifier.kernel_size == (1, 1)
+
+
+def test_simmim_mask_blocks():
+    torch.manual_seed(0)
+    mim = SimMIM(build_backbone("sst", "tiny", 20, img_size=8, patch_size=1, spectral_patch=10), 0.7, mask_block=4)
+    mask = mim.tube_mask(6, 64, "cpu").reshape(6, 2, 4, 2, 4)
+    squares = mask.permute(0, 1, 3, 2, 4).reshape(6, 4, 16)
+    assert ((squares.all(-1)) | (~squares.any(-1))).all()  # whole 4 x 4 squares
+    assert (squares.all(-1).sum(1) == 3).all()  # round(0.7 * 4)
+    with pytest.raises(ValueError, match="4x4 mask blocks"):
+        SimMIM(build_backbone("sst", "tiny", 20, img_size=6, patch_size=1, spectral_patch=10), 0.7, mask_block=4)
+
+
+def test_maskedsst_pretrain_then_finetune(tmp_path, cache_dir):
+    scene = write_scene(tmp_path / "s20", bands=20, size=24)
+    pre = tmp_path / "mst"
+    pretrain_mae.main(["--preset", "maskedsst", "--data", scene, "--out", str(pre), "--cache-dir", cache_dir,
+                       "--steps", "2", "--batch-size", "2", "--image-every", "1", "--workers", "0"])
+    ckpt = torch.load(pre / "ckpt.pt", weights_only=False)
+    assert ckpt["backbone"]["block_order"] == "spatial-first" and ckpt["backbone"]["patch_size"] == 1
+    out = tmp_path / "seg"
+    finetune_seg.main(["--preset", "maskedsst", "--data", scene, "--out", str(out), "--cache-dir", cache_dir,
+                       "--init", str(pre / "ckpt.pt"), "--steps", "2", "--batch-size", "2", "--eval-every", "2",
+                       "--workers", "0"])
+    assert torch.load(out / "ckpt.pt", weights_only=False)["segmentation"]["decoder"] == "linear"
 
 
 # ----------------------------------------------------------------------------- DINO
