@@ -134,7 +134,9 @@ def train(args, rank, world, device):
         x = next(batches)[0].to(device, non_blocking=True)  # (B, C, H, W) normalised
         if args.gpu_augment:  # draws from (seed, rank, step): exact resume
             gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank * 100_003 + step)
-            x = data.batch_augment(x, gen, crop or (1.0, 1.0), flips=args.flips)
+            # crop off: area 1 and aspect 1, so only the flips move pixels (no bilinear stretch)
+            x = data.batch_augment(x, gen, crop or (1.0, 1.0), ratio=(3 / 4, 4 / 3) if crop else (1.0, 1.0),
+                                   flips=args.flips)
         common.set_lr(optimizer, lr_schedule[step])
         with common.autocast(device, dtype):
             loss, *outputs = ddp(x)
