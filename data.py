@@ -7,11 +7,15 @@ Reflectance is never quantised and tiles are cut, never resized: a 64x64 trainin
 the 512x512 WHU-OHS tile. Decoded rasters are cached as .npy (or the TIFF itself is memory-mapped when it
 is uncompressed), so the hot loop only slices memory maps.
 """
+import ctypes
 import hashlib
 import json
 import logging
 import math
+import mmap
 import os
+import signal
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -78,8 +82,8 @@ class RasterCache:
             entry = self._build(path, sig, label)
             self.manifest[key], self.dirty = entry, True
         if entry["npy"]:
-            return np.load(entry["npy"], mmap_mode="r"), entry
-        return tifffile.memmap(path, mode="r"), entry
+            return without_fd(np.load(entry["npy"], mmap_mode="r")), entry
+        return without_fd(tifffile.memmap(path, mode="r")), entry
 
     def _build(self, path, sig, label):
         try:
@@ -121,6 +125,47 @@ class RasterCache:
         if self.dirty:
             _write_json(self.manifest_path, self.manifest)
             self.dirty = False
+
+
+def without_fd(mm):
+    """The read-only np.memmap `mm` mapped again by libc's mmap, keeping no file descriptor open: Python's
+    mmap holds one per map, and WHU-OHS's ~10k rasters (image + label per tile) would pass the usual limit
+    of 1024 open files. The map is released when the last array using it is gone. Where libc has no mmap
+    (Windows) or the array is not C-ordered, `mm` itself."""
+    libc = _libc()
+    if libc is None or not mm.flags.c_contiguous or mm.size == 0:
+        return mm
+    start = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
+    length = mm.offset - start + mm.nbytes
+    fd = os.open(mm.filename, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    finally:
+        os.close(fd)  # the map stays valid without it
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        raise OSError(ctypes.get_errno(), f"{mm.filename}: mmap failed")
+    buffer = (ctypes.c_char * length).from_address(addr)
+    weakref.finalize(buffer, libc.munmap, addr, length)
+    arr = np.frombuffer(buffer, mm.dtype, mm.size, mm.offset - start).reshape(mm.shape)
+    arr.flags.writeable = False
+    return arr
+
+
+_LIBC = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_int64]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        except (OSError, AttributeError):
+            libc = None
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 @contextmanager
