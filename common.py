@@ -72,8 +72,13 @@ def add_run_args(parser, out):
     p.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps on GPU after a "
                    "compile warm-up of a minute or two")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10, help="log, and check the checkpoint clock and stop "
+                   "signals, every N steps (the only host syncs of the loop)")
+    p.add_argument("--ckpt-minutes", type=float, default=10.0, help="write the checkpoint every N minutes, at the "
+                   "end, and on SIGTERM/SIGUSR1 (then stop: what cluster schedulers send before killing a job)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="also write it every N steps (0: off)")
+    p.add_argument("--sync-debug", action="store_true", help="CUDA: raise on any host-device synchronisation inside "
+                   "a training step (torch.cuda.set_sync_debug_mode), to find what stalls the GPU")
     add_debug_arg(p)
 
 
@@ -102,12 +107,90 @@ def run_cli(main):
 
 
 def launch(train, args):
-    """Run train(args, rank, world, device) single-process or under torchrun; always tear down."""
+    """Run train(args, rank, world, device) single-process or under torchrun; always tear down. A run that
+    a stop signal ended early (see Checkpoints) exits with status 128 + the signal's number, as if killed
+    by it, so that `train && finetune` chains stop there; its checkpoint is written."""
     rank, world, device = init_distributed(args.device)
+    STOP.update(signal=None, stopped=False)
     try:
-        return train(args, rank, world, device)
+        with stop_signals():
+            result = train(args, rank, world, device)
     finally:
         cleanup_distributed()
+    if STOP["stopped"]:
+        raise SystemExit(128 + STOP["signal"])
+    return result
+
+
+# ----------------------------------------------------------------------------- stopping and checkpoint timing
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM & co send before killing a job (SIGUSR1: --signal)
+STOP = {"signal": None, "stopped": False}
+
+
+def _request_stop(signum, frame):
+    STOP["signal"] = signum
+
+
+@contextmanager
+def stop_signals():
+    """While training, SIGTERM and SIGUSR1 only ask the run to save and stop (Checkpoints acts on it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _request_stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Checkpoints:
+    """When to write the checkpoint: every --ckpt-minutes (rank 0's clock), every --ckpt-every steps if
+    set, at the last step, and after a stop signal reached any rank (then the run stops: `due` returns
+    stop=True). Clock and signals are checked every --log-every steps with one small all-reduce, so all
+    ranks decide together and the other steps never wait for the host."""
+
+    def __init__(self, args, steps, device):
+        self.steps, self.every, self.check_every = steps, args.ckpt_every, max(1, args.log_every)
+        self.seconds, self.device, self.last = 60 * args.ckpt_minutes, device, time.time()
+
+    def due(self, done):
+        """(save, stop) after step `done`."""
+        save = done == self.steps or bool(self.every and done % self.every == 0)
+        stop = False
+        if done % self.check_every == 0 and done < self.steps:
+            flags = torch.tensor([float(is_main() and time.time() - self.last >= self.seconds),
+                                  float(STOP["signal"] is not None)], device=self.device)
+            if dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            late, stop = (bool(v) for v in flags.tolist())
+            save = save or late or stop
+        if save:
+            self.last = time.time()
+        if stop:
+            STOP["stopped"] = True
+            STOP["signal"] = STOP["signal"] or signal.SIGTERM  # the signal reached another rank
+        return save, stop
+
+    @staticmethod
+    def report(done, path):
+        print0(f"stopped by {signal.Signals(STOP['signal']).name} after step {done}; checkpoint {path}; "
+               "continue with --resume")
+
+
+@contextmanager
+def no_host_sync(enabled, device):
+    """With --sync-debug on CUDA, any host-device synchronisation inside raises."""
+    if not (enabled and device.type == "cuda"):
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def cleanup_distributed():
