@@ -184,6 +184,15 @@ def bench_loader(args):
     print(f"{args.data} | batch {B} | device {device} | torch threads {torch.get_num_threads()}")
     print("| pipeline | augmented | workers | tiles/s |")
     print("|---|---|---|---|")
+    raw = data.RandomTiles(datasets, 64, 0, labels=False, raw=True)
+    for workers in args.workers:  # what the workers do with --device-augment, whatever the augmentation
+        batches = iter(data.StepLoader(raw, B, 0, 0, 1, workers, device))
+        next(batches)
+        t0 = time.perf_counter()
+        for _ in range(args.steps * 4):
+            next(batches)
+        print(f"| raw windows only (the workers' part with --device-augment) | - | {workers} | "
+              f"{args.steps * 4 * B / (time.perf_counter() - t0):.0f} |", flush=True)
     for name, augment in views.items():
         for on_device in (False, True):
             for workers in args.workers:

@@ -906,12 +906,14 @@ def full_boxes(n, device):
 
 def batch_jitter(x, u, brightness, contrast, band_gain, apply):
     """spectral_jitter of every image of x (N, C, H, W) with its own draws, u (N, 2 + C) uniforms; images
-    where apply (N,) is False stay as they are. In physical units, before normalisation."""
+    where apply (N,) is False stay as they are. In physical units, before normalisation. As one multiply-add
+    per value: (mean + c (x - mean)) gain = mean (1 - c) gain + c gain x."""
     C = x.shape[1]
-    gain = (1 - brightness + 2 * brightness * u[:, :1]) * (1 - band_gain + 2 * band_gain * u[:, 2:2 + C])
-    c = (1 - contrast + 2 * contrast * u[:, 1]).view(-1, 1, 1, 1)
-    mean = x.mean((2, 3), keepdim=True)
-    return torch.where(apply.view(-1, 1, 1, 1), (mean + c * (x - mean)) * gain[:, :, None, None], x)
+    gain = (1 - brightness + 2 * brightness * u[:, :1]) * (1 - band_gain + 2 * band_gain * u[:, 2:2 + C])  # (N, C)
+    c = 1 - contrast + 2 * contrast * u[:, 1:2]
+    scale = torch.where(apply[:, None], c * gain, 1.0)
+    shift = torch.where(apply[:, None], x.mean((2, 3)) * (1 - c) * gain, 0.0)
+    return torch.addcmul(shift[:, :, None, None], scale[:, :, None, None], x)
 
 
 def batch_blur(x, sigma, max_sigma):
@@ -1066,22 +1068,34 @@ class DeviceNormalize:
         self.scale = on([ds.value_scale or 1.0 for ds in datasets])
         self.fill = on([ds.value_scale is not None for ds in datasets], torch.bool)
         self.nodata = on([np.nan if ds.nodata is None else ds.nodata for ds in datasets])  # NaN: never equal
-        self.unsigned = on([any(r.image.dtype == np.uint16 for r in ds.rasters) and not ds.signed_view
-                            for ds in datasets], torch.bool)
+        unsigned = [any(r.image.dtype == np.uint16 for r in ds.rasters) and not ds.signed_view for ds in datasets]
+        self.unsigned = on(unsigned, torch.bool)
+        # What can happen at all, known here, so that the common case runs few kernels.
+        self.checks = {"unsigned": any(unsigned), "nodata": any(ds.nodata is not None for ds in datasets),
+                       "scale": any(ds.value_scale is not None for ds in datasets),
+                       "smallest side": min(min(r.image.shape[1:]) for ds in datasets for r in ds.rasters)}
 
     def physical(self, raw, info):
         d, extent = info[:, 0].long(), info[:, 1:].long()
         each = lambda t: t[d].view(-1, 1, 1, 1)  # noqa: E731 - one value per sample, over (C, H, W)
-        x = raw.float()
-        if raw.dtype == torch.int16:
+        x, bad, checks = raw.float(), [], self.checks
+        if raw.dtype == torch.int16 and checks["unsigned"]:
             x = torch.where(each(self.unsigned) & (x < 0), x + 65536, x)  # uint16 data sent as its bit pattern
-        bad = x == each(self.nodata)
-        x = x * each(self.scale)
-        bad |= ~torch.isfinite(x) | (each(self.fill) & (x < FILL_BELOW_REFLECTANCE))
-        ys, xs = (torch.arange(n, device=x.device) for n in x.shape[-2:])
-        inside = (((ys >= extent[:, 0, None]) & (ys < extent[:, 2, None]))[:, :, None]
-                  & ((xs >= extent[:, 1, None]) & (xs < extent[:, 3, None]))[:, None, :])
-        return torch.where((bad.any(1) | ~inside)[:, None], self.mean[d][:, :, None, None], x)
+        if checks["nodata"]:
+            bad.append(x == each(self.nodata))
+        if checks["scale"]:
+            x = x * each(self.scale)
+            bad.append(each(self.fill) & (x < FILL_BELOW_REFLECTANCE))
+        if raw.is_floating_point():
+            bad.append(~torch.isfinite(x))
+        invalid = [b.any(1) for b in bad]
+        if max(x.shape[-2:]) > checks["smallest side"]:  # some window may reach past its raster's border
+            ys, xs = (torch.arange(n, device=x.device) for n in x.shape[-2:])
+            invalid.append(~(((ys >= extent[:, 0, None]) & (ys < extent[:, 2, None]))[:, :, None]
+                             & ((xs >= extent[:, 1, None]) & (xs < extent[:, 3, None]))[:, None, :]))
+        if not invalid:
+            return x
+        return torch.where(torch.stack(invalid).any(0)[:, None], self.mean[d][:, :, None, None], x)
 
     def __call__(self, x, d):
         d = d.long()
