@@ -1,5 +1,6 @@
 """What every training script needs: distributed init/teardown, seeding, precision, schedules,
 checkpoints with exact resume, and logging. Nothing model- or data-specific lives here."""
+import argparse
 import json
 import math
 import os
@@ -80,6 +81,37 @@ def add_run_args(parser, out):
     p.add_argument("--sync-debug", action="store_true", help="CUDA: raise on any host-device synchronisation inside "
                    "a training step (torch.cuda.set_sync_debug_mode), to find what stalls the GPU")
     add_debug_arg(p)
+
+
+def add_recipe_args(parser, sst=False):
+    """The backbone recipe options of issue #13 (models.LEGACY_OPTIONS), defaults unchanged until
+    measured; `sst`: also the MaskedSST options of the factorised transformer."""
+    p = parser
+    p.add_argument("--init-scheme", default="trunc_normal", choices=["trunc_normal", "xavier"],
+                   help="Linear-layer init of vit/ssvit/sst (and the MAE decoder). xavier = MAE's xavier_uniform: "
+                   "trunc_normal(0.02) is 2-4x smaller, so a random ViT passes its input almost unchanged (cosine "
+                   "0.98 between block-12 output and patch embedding at tiny, 0.6 with xavier)")
+    p.add_argument("--pos-embed", default="learned", choices=["learned", "fixed"],
+                   help="2-D sin-cos position embedding of the patches (vit, the spatial stream of ssvit, sst): "
+                   "trained from its sin-cos init, or fixed as MAE's encoder (not trained, not weight-decayed)")
+    if sst:
+        p.add_argument("--block-order", default=None, choices=["alternating", "spatial-first"],
+                       help="sst: blocks alternate spatial/spectral attention (default), or all spatial blocks come "
+                       "first, then the spectral ones, as MaskedSST's reference implementation")
+        p.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=False,
+                       help="sst: LayerNorms before and after the blockwise token embedding, as MaskedSST's reference")
+
+
+def parse_with_preset(parser, argv, presets):
+    """Parse argv; with --preset NAME, presets[NAME] (argparse names -> values) become the defaults
+    and argv is parsed again, so flags given explicitly still win."""
+    parser.add_argument("--preset", default=None, choices=sorted(presets), help="a named set of defaults: "
+                        + "; ".join(f"{k}: {' '.join(f'{a}={v}' for a, v in d.items())}" for k, d in presets.items()))
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**presets[args.preset])
+        args = parser.parse_args(argv)
+    return args
 
 
 def add_debug_arg(parser):
@@ -288,8 +320,14 @@ def step_schedule(base, total_steps, milestones=(0.6, 0.8), gamma=0.1):
     return base * gamma ** passed
 
 
-def scaled_lr(base_lr, batch_size, world_size, reference_batch=256):
-    return base_lr * batch_size * world_size / reference_batch
+def scaled_lr(base_lr, batch_size, world_size, reference_batch=None, rule="linear"):
+    """lr for a global batch of batch_size x world_size: linear, base_lr x batch / reference (256; MAE,
+    DINO), or sqrt, base_lr x sqrt(batch / reference) (1024; DINOv2's rule for AdamW)."""
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size * world_size / (reference_batch or 1024))
+    if rule != "linear":
+        raise ValueError(f"unknown lr scaling rule {rule!r}; available: linear, sqrt")
+    return base_lr * batch_size * world_size / (reference_batch or 256)
 
 
 def decay_groups(params, weight_decay, lr_scale=1.0):
@@ -399,9 +437,18 @@ def checkpoint_bands(path):
     return None if path is None else load_checkpoint(path, mmap=True)["backbone"].get("bands")
 
 
-def backbone_weights(ckpt):
-    """The backbone's state dict from any trainer's checkpoint."""
+def backbone_weights(ckpt, which="teacher"):
+    """The backbone's state dict from any trainer's checkpoint: the network it names as its backbone
+    (`which="teacher"`: for DINO the EMA teacher, elsewhere the only one), or `which="student"`, the
+    student of a checkpoint that holds one (DINO)."""
     key, prefix = ckpt["backbone_key"]
+    if which == "student":
+        if "student" not in ckpt:
+            raise ValueError("--init-weights student: this checkpoint has no student network (only "
+                             "pretrain_dino.py checkpoints have one)")
+        key = "student"
+    elif which != "teacher":
+        raise ValueError(f"unknown network {which!r}; available: teacher, student")
     return {k[len(prefix):]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
 
 

@@ -160,6 +160,10 @@ def add_backbone_args(p):
     p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
     p.add_argument("--depth", type=int, default=None, help="cdcnn from scratch: residual modules in the trunk "
                    "(default 5, as pre-trained; Lee & Kwon's scratch baseline has 4)")
+    p.add_argument("--init-weights", default="teacher", choices=["teacher", "student"], help="with --init: the "
+                   "network whose backbone is read; student = the DINO student (the teacher of a short run still holds "
+                   "much of its random init: pretrain_dino.py prints how much). Other checkpoints hold one network")
+    common.add_recipe_args(p, sst=True)  # for random init; with --init the checkpoint's config wins
 
 
 def add_split_args(p):
@@ -194,7 +198,8 @@ def load_backbone(args, ds, **overrides):
         transformer = args.backbone not in ("pixel", "resnet50v1c", "cdcnn")
         options = {} if not transformer else {
             "num_registers": args.registers, "ffn": args.ffn, "spectral_patch": args.spectral_patch,
-            "wavelengths": None if getattr(args, "pca", None) else ds.wavelengths, **overrides}
+            "wavelengths": None if getattr(args, "pca", None) else ds.wavelengths, "init": args.init_scheme,
+            "pos_embed": args.pos_embed, "block_order": args.block_order, "embed_norm": args.embed_norm, **overrides}
         return build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size, bands=ds.band_info,
                               **options), None
     ckpt = common.load_checkpoint(args.init)
@@ -204,8 +209,9 @@ def load_backbone(args, ds, **overrides):
     if args.twin:
         common.print0(f"random twin of {args.init}: backbone {config}, random weights")
     else:
-        backbone.load_state_dict(common.backbone_weights(ckpt))
-        common.print0(f"backbone {config} from {args.init} (step {ckpt['step']})")
+        backbone.load_state_dict(common.backbone_weights(ckpt, args.init_weights))
+        which = " (student)" if args.init_weights == "student" else ""
+        common.print0(f"backbone {config} from {args.init}{which} (step {ckpt['step']})")
     return backbone, ckpt
 
 

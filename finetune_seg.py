@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import common
 import data
+import models
 from data import IGNORE_INDEX
 from eval import (add_backbone_args, add_split_args, colorize, evaluate, format_table, fully_convolutional,
                   load_backbone, split_scene)
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
     p.add_argument("--eval-batch-size", type=int, default=16)
     common.add_run_args(p, out="runs/seg")
-    return p.parse_args(argv)
+    return common.parse_with_preset(p, argv, models.PRESETS)  # maskedsst: 8 px tiles, a per-pixel linear head
 
 
 def build_model(args, ds):
@@ -90,7 +91,8 @@ def cross_domain_model(args, ds, ckpt=None):
     if ckpt is not None and args.twin:
         common.print0(f"random twin of {args.init}: cdcnn trunk {shape} with random weights")
     elif ckpt is not None:
-        trunk = {k[len("trunk."):]: v for k, v in common.backbone_weights(ckpt).items() if k.startswith("trunk.")}
+        trunk = {k[len("trunk."):]: v for k, v in common.backbone_weights(ckpt, args.init_weights).items()
+                 if k.startswith("trunk.")}
         backbone.trunk.load_state_dict(trunk)
         common.print0(f"cdcnn trunk {shape} from {args.init} (step {ckpt['step']}, pre-trained on "
                       f"{config['in_chans']}); new first layer for {ds.name} ({ds.bands} bands)")

@@ -5,6 +5,7 @@ Shapes: images are (B, C, H, W) with C spectral bands; tokens are (B, N, D).
 
 import math
 import re
+from functools import partial
 
 import numpy as np
 import torch
@@ -62,14 +63,39 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 
-def init_weights(module):
+INIT_SCHEMES = ("trunc_normal", "xavier")
+POS_EMBEDS = ("learned", "fixed")
+
+
+def init_weights(module, scheme="trunc_normal"):
+    """Linear weights: trunc_normal (std 0.02, timm/DINO) or xavier (xavier_uniform, as MAE's code: 2-4x
+    larger at ViT widths, so the blocks of a random network really transform their input); biases 0,
+    LayerNorm 1/0 in both."""
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        if scheme == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; available: {', '.join(choices)}")
+
+
+def set_pos_embed(module, table, kind):
+    """module.pos_embed = table (1, N, D): a parameter (learned) or a buffer (fixed: never trained nor
+    weight-decayed). Same state_dict key either way, so checkpoints load into both."""
+    check_choice("pos_embed", kind, POS_EMBEDS)
+    if kind == "fixed":
+        module.register_buffer("pos_embed", table)
+    else:
+        module.pos_embed = nn.Parameter(table)
 
 
 def linear_flops(layer, n):
@@ -165,8 +191,9 @@ class TokenEncoder(nn.Module):
     tokens and an optional mask token. Subclasses say what a piece is and where it sits (`pos`)."""
 
     def __init__(self, piece_dim, embed_dim, depth, num_heads, mlp_ratio=4.0, num_registers=0, ffn="mlp",
-                 layerscale=None, drop_path_rate=0.0, mask_token=False):
+                 layerscale=None, drop_path_rate=0.0, mask_token=False, init="trunc_normal"):
         super().__init__()
+        check_choice("init", init, INIT_SCHEMES)
         self.embed_dim, self.num_prefix = embed_dim, 1 + num_registers
         self.patch_embed = nn.Linear(piece_dim, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -178,7 +205,8 @@ class TokenEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, True, ffn, layerscale, float(d))
                                     for d in dpr)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.apply(init_weights)
+        self.init_scheme = init
+        self.apply(partial(init_weights, scheme=init))
         nn.init.xavier_uniform_(self.patch_embed.weight)  # as a conv patch embedding, per MAE
         nn.init.normal_(self.cls_token, std=0.02)
         if self.registers is not None:
@@ -222,17 +250,19 @@ class TokenEncoder(nn.Module):
 
 class VisionTransformer(TokenEncoder):
     """ViT for C-band images: patch embedding of C*p*p values per patch, a CLS token, optional register
-    tokens, learned position embeddings (sin-cos initialised, interpolated for other input sizes)."""
+    tokens, 2-D sin-cos position embeddings (interpolated for other input sizes), learned from there
+    (`pos_embed="learned"`) or fixed (`"fixed"`, as MAE's encoder)."""
 
     streams = ("spatial",)
 
-    def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12, **kwargs):
+    def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
+                 pos_embed="learned", **kwargs):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         super().__init__(in_chans * patch_size ** 2, embed_dim, depth, num_heads, **kwargs)
         self.in_chans, self.patch_size = in_chans, patch_size
         self.grid = (img_size // patch_size, img_size // patch_size)
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid)[None])
+        set_pos_embed(self, sincos_pos_embed(embed_dim, *self.grid)[None], pos_embed)
 
     def grid_size(self, x):
         H, W = x.shape[-2:]
@@ -242,7 +272,7 @@ class VisionTransformer(TokenEncoder):
         return H // p, W // p
 
     def interpolate_pos_embed(self, h, w):
-        """(1, h*w, D): the learned grid resized bicubically when the input size differs from training."""
+        """(1, h*w, D): the position grid resized bicubically when the input size differs from training."""
         if (h, w) == self.grid:
             return self.pos_embed
         pe = self.pos_embed.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
@@ -378,22 +408,26 @@ class SpatialSpectralViT(nn.Module):
     After every `fuse_every` blocks (not after the last) a `Fusion` block exchanges information between
     the streams. Hiding is exact across streams: a masked/dropped spatial patch is excluded from the
     spectral stream's pooling, and a masked/dropped band group is zeroed (= its band mean) in the
-    spatial stream's patches, so no stream sees what the other one hides. Dense features for the
-    decoders are the spatial stream's patch tokens (informed by the spectral stream through fusion)."""
+    spatial stream's patches, so no stream sees what the other one hides (`encode(...,
+    hide_bands_from_spatial=False)` leaves the spatial stream all bands). Dense features for the
+    decoders are the spatial stream's patch tokens (informed by the spectral stream through fusion).
+    `pos_embed` is the spatial stream's (learned or fixed); the spectral stream's positions are always
+    as in `SpectralEncoder`."""
 
     streams = ("spatial", "spectral")
 
     def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
-                 spectral_patch=2, spectral_pool=8, fuse_every=3, wavelengths=None, num_registers=4, **kwargs):
+                 spectral_patch=2, spectral_pool=8, fuse_every=3, wavelengths=None, num_registers=4,
+                 pos_embed="learned", **kwargs):
         super().__init__()
         self.spatial = VisionTransformer(in_chans, img_size, patch_size, embed_dim, depth, num_heads,
-                                         num_registers=num_registers, **kwargs)
+                                         pos_embed=pos_embed, num_registers=num_registers, **kwargs)
         self.spectral = SpectralEncoder(in_chans, spectral_patch, spectral_pool, embed_dim, depth, num_heads,
                                         wavelengths, num_registers=num_registers, **kwargs)
         self.fuse_after = [i for i in range(fuse_every - 1, depth - 1, fuse_every)]
         self.fusions = nn.ModuleList(Fusion(embed_dim) for _ in self.fuse_after)
         self.in_chans, self.patch_size, self.grid = in_chans, patch_size, self.spatial.grid
-        self.embed_dim, self.num_prefix = embed_dim, self.spatial.num_prefix
+        self.embed_dim, self.num_prefix, self.init_scheme = embed_dim, self.spatial.num_prefix, self.spatial.init_scheme
 
     def grid_size(self, x):
         return self.spatial.grid_size(x)
@@ -418,15 +452,20 @@ class SpatialSpectralViT(nn.Module):
             hid = torch.ones_like(hid).scatter(1, keep, False)
         return hid | mask if mask is not None else hid
 
-    def embed(self, x, keep=(None, None), mask=(None, None)):
+    def embed(self, x, keep=(None, None), mask=(None, None), hide_bands_from_spatial=True):
+        """-> (spatial tokens, spectral tokens) entering the blocks. With hide_bands_from_spatial=False
+        the band groups hidden from the spectral stream stay in the spatial stream's patches."""
         B, C, H, W = x.shape
         (h, w), p, g = self.grid_size(x), self.patch_size, self.spectral.group
         hid_patch = self.hidden(B, h * w, keep[0], mask[0], x.device)
-        hid_group = self.hidden(B, self.spectral.num_groups, keep[1], mask[1], x.device)
-        band_visible = (~hid_group).repeat_interleave(g, dim=1)[:, :, None, None].to(x.dtype)  # (B, C, 1, 1)
         pixel_visible = (~hid_patch).reshape(B, 1, h, 1, w, 1).expand(-1, -1, -1, p, -1, p)
         pixel_visible = pixel_visible.reshape(B, 1, H, W).to(x.dtype)
-        s = self.spatial.embed_tokens(patchify(x * band_visible, p), self.spatial.interpolate_pos_embed(h, w),
+        if hide_bands_from_spatial:
+            hid_group = self.hidden(B, self.spectral.num_groups, keep[1], mask[1], x.device)
+            x_spatial = x * (~hid_group).repeat_interleave(g, dim=1)[:, :, None, None].to(x.dtype)  # (B, C, H, W)
+        else:
+            x_spatial = x
+        s = self.spatial.embed_tokens(patchify(x_spatial, p), self.spatial.interpolate_pos_embed(h, w),
                                       keep[0], mask[0])
         t = self.spectral.embed_tokens(self.spectral.pieces(x, pixel_visible), self.spectral.pos_embed,
                                        keep[1], mask[1])
@@ -444,10 +483,10 @@ class SpatialSpectralViT(nn.Module):
                 outs.append(self.spatial.norm(s))
         return self.spatial.norm(s), self.spectral.norm(t), outs
 
-    def encode(self, x, keep=(None, None), mask=(None, None)):
+    def encode(self, x, keep=(None, None), mask=(None, None), hide_bands_from_spatial=True):
         """(B, C, H, W) -> [spatial tokens (B, 1 + R + Ks, D), spectral tokens (B, 1 + R + Kg, D)],
-        normalised; keep/mask per stream as in `TokenEncoder.embed_tokens`."""
-        s, t, _ = self.run_blocks(*self.embed(x, keep, mask))
+        normalised; keep/mask per stream as in `TokenEncoder.embed_tokens`; see `embed` for the last."""
+        s, t, _ = self.run_blocks(*self.embed(x, keep, mask, hide_bands_from_spatial))
         return [s, t]
 
     def forward(self, x):
@@ -484,6 +523,18 @@ class SpatialSpectralViT(nn.Module):
 
 # ----------------------------------------------------------------------------- MaskedSST-style transformer
 
+BLOCK_ORDERS = ("alternating", "spatial-first")
+
+
+def block_axes(order, depth):
+    """The attention axis of each of `depth` factorised blocks: alternating spatial/spectral, or
+    spatial-first (the first half spatial, the rest spectral)."""
+    check_choice("block_order", order, BLOCK_ORDERS)
+    if order == "alternating":
+        return ["spatial" if i % 2 == 0 else "spectral" for i in range(depth)]
+    return ["spatial"] * ((depth + 1) // 2) + ["spectral"] * (depth // 2)
+
+
 class FactorizedBlock(nn.Module):
     """A transformer block over one axis of a (B, S, N, D) token cube: "spatial" attends among the N
     patches of each spectral block, "spectral" among the S spectral blocks of each patch."""
@@ -510,16 +561,27 @@ class SpectralSpatialTransformer(nn.Module):
     """MaskedSST-style factorised transformer (Scheibenreif et al., CVPRW 2023). Tokens are cubes of
     p x p pixels x `spectral_patch` bands: (B, S, N, D) with S spectral blocks and N = h*w patches. Each
     spectral block has its own linear embedding (blockwise patch embedding); a token's position is the
-    sum of a 2-D spatial embedding (learned, sin-cos initialised) and a spectral one (fixed sin-cos of the
-    block's centre wavelength, or learned when wavelengths are unknown). Blocks alternate between
-    attention over space and over spectrum. No CLS token: dense features are the tokens averaged over
-    the spectral blocks."""
+    sum of a 2-D spatial embedding (sin-cos, learned from there or `pos_embed="fixed"`) and a spectral
+    one (fixed sin-cos of the block's centre wavelength, or learned when wavelengths are unknown). No CLS
+    token: dense features are the tokens averaged over the spectral blocks.
+
+    `block_order`: "alternating" (blocks alternate attention over space and over spectrum) or
+    "spatial-first" (the reference, HSG-AIML/MaskedSST src/vit_spatial_spectral.py `ViTSpatialSpectral`:
+    one Transformer of spatial blocks - every spectral block's N tokens attend among themselves - then
+    one Transformer of spectral blocks - every pixel's S tokens; the reference stacks `depth` of each,
+    here the first half of the `depth` blocks is spatial and the second half spectral, so both orders
+    have the same blocks and FLOPs). `embed_norm` adds the reference's `BlockwisePatchEmbedding` norms:
+    one LayerNorm over a token's raw p*p*spectral_patch values (shared by all spectral blocks) before the
+    blockwise linear embedding, and one LayerNorm over D after it, before the positions are added (and
+    before masked tokens are replaced by the mask token, as the reference's SimMIM does). The reference's
+    configs use 1 x 1 pixel x 10 band tokens on 8 x 8 windows (`models.PRESETS["maskedsst"]`)."""
 
     streams = ("spatial",)
 
     def __init__(self, in_chans, img_size=64, patch_size=8, embed_dim=768, depth=12, num_heads=12,
                  spectral_patch=8, wavelengths=None, mlp_ratio=4.0, ffn="mlp", layerscale=None,
-                 drop_path_rate=0.0, num_registers=0, mask_token=True):
+                 drop_path_rate=0.0, num_registers=0, mask_token=True, init="trunc_normal", pos_embed="learned",
+                 block_order="alternating", embed_norm=False):
         super().__init__()
         if in_chans % spectral_patch:
             raise ValueError(f"{in_chans} bands do not split into blocks of {spectral_patch} (--spectral-patch)")
@@ -527,6 +589,8 @@ class SpectralSpatialTransformer(nn.Module):
             raise ValueError("the sst backbone has no register tokens")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        check_choice("init", init, INIT_SCHEMES)
+        self.init_scheme = init
         self.in_chans, self.patch_size, self.spectral_patch = in_chans, patch_size, spectral_patch
         self.num_blocks, self.embed_dim = in_chans // spectral_patch, embed_dim
         self.grid = (img_size // patch_size, img_size // patch_size)
@@ -535,7 +599,10 @@ class SpectralSpatialTransformer(nn.Module):
         self.embed_bias = nn.Parameter(torch.zeros(self.num_blocks, embed_dim))
         bound = (6 / (piece + embed_dim)) ** 0.5
         nn.init.uniform_(self.embed_weight, -bound, bound)
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid)[None])  # (1, N, D)
+        # The reference's LayerNorms around the embedding (default eps, as there); absent by default.
+        self.embed_pre_norm = nn.LayerNorm(piece) if embed_norm else None
+        self.embed_post_norm = nn.LayerNorm(embed_dim) if embed_norm else None
+        set_pos_embed(self, sincos_pos_embed(embed_dim, *self.grid)[None], pos_embed)  # (1, N, D)
         if wavelengths is not None:
             if len(wavelengths) != in_chans:
                 raise ValueError(f"{len(wavelengths)} wavelengths for {in_chans} bands")
@@ -546,11 +613,10 @@ class SpectralSpatialTransformer(nn.Module):
             nn.init.trunc_normal_(self.spectral_pos, std=0.02)
         self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if mask_token else None
         dpr = np.linspace(0, drop_path_rate, depth)
-        self.blocks = nn.ModuleList(
-            FactorizedBlock("spatial" if i % 2 == 0 else "spectral", embed_dim, num_heads, mlp_ratio, True, ffn,
-                            layerscale, float(d)) for i, d in enumerate(dpr))
+        self.blocks = nn.ModuleList(FactorizedBlock(axis, embed_dim, num_heads, mlp_ratio, True, ffn, layerscale,
+                                                    float(d)) for axis, d in zip(block_axes(block_order, depth), dpr))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.blocks.apply(init_weights)
+        self.blocks.apply(partial(init_weights, scheme=init))
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
@@ -577,7 +643,12 @@ class SpectralSpatialTransformer(nn.Module):
     def embed(self, x, mask=None):
         """(B, C, H, W) -> (B, S, N, D); mask (B, S, N) True -> the mask token."""
         h, w = self.grid_size(x)
-        t = torch.einsum("bsnk,skd->bsnd", self.pieces(x), self.embed_weight) + self.embed_bias[:, None]
+        pieces = self.pieces(x)
+        if self.embed_pre_norm is not None:
+            pieces = self.embed_pre_norm(pieces)
+        t = torch.einsum("bsnk,skd->bsnd", pieces, self.embed_weight) + self.embed_bias[:, None]
+        if self.embed_post_norm is not None:
+            t = self.embed_post_norm(t)
         if mask is not None:
             t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
         return t + self.interpolate_pos_embed(h, w)[:, None] + self.spectral_pos
@@ -639,6 +710,21 @@ class PixelBackbone(nn.Module):
 
 BACKBONES = {"vit": VisionTransformer, "ssvit": SpatialSpectralViT, "sst": SpectralSpatialTransformer}
 
+# Recipe options (issue #13) and the value a backbone config without them means: what every backbone was
+# before they existed. The constructors' defaults are these values and must stay so; scripts change the
+# defaults of their flags instead, once measurements pick them.
+LEGACY_OPTIONS = {"init": "trunc_normal", "pos_embed": "learned", "block_order": "alternating", "embed_norm": False}
+
+# Argument presets of pretrain_mae.py / finetune_seg.py (argparse names); flags given explicitly win.
+PRESETS = {
+    # MaskedSST's configs (HSG-AIML/MaskedSST configs/*.yaml, src/vit_spatial_spectral.py): 1 x 1 pixel x
+    # 10 band tokens on 8 x 8 windows, spatial blocks before spectral ones, LayerNorms around the blockwise
+    # embedding. pretrain_mae.py adds its pre-training augmentation (flips, no random resized crop) and
+    # SimMIM masks of 4 x 4 pixels.
+    "maskedsst": dict(backbone="sst", patch_size=1, spectral_patch=10, img_size=8, block_order="spatial-first",
+                      embed_norm=True),
+}
+
 
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
     """The one factory every script uses: vit | ssvit | sst at size tiny | small | base, pixel, the CNN
@@ -647,8 +733,11 @@ def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **
     any backbone). The returned module carries `.config`, which checkpoints store and
     `build_backbone(**config)` rebuilds. `bands` (HSIDataset.band_info: the file's band indices the
     model reads and their wavelengths) is only recorded in the config, so that data read later with this
-    checkpoint is read with the same bands."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    checkpoint is read with the same bands. The recipe options (`LEGACY_OPTIONS`: init, pos_embed,
+    block_order, embed_norm) are recorded only when they differ from their legacy value, so the configs
+    of checkpoints written before they existed, and of models built without them, stay the same."""
+    kwargs = {k: v for k, v in kwargs.items()
+              if v is not None and not (k in LEGACY_OPTIONS and v == LEGACY_OPTIONS[k])}
     record = {"bands": kwargs.pop("bands")} if "bands" in kwargs else {}
     if name in ("pixel", "resnet50v1c"):
         model = PixelBackbone(in_chans) if name == "pixel" else ResNetV1c(in_chans)
@@ -682,7 +771,7 @@ class MAEDecoder(nn.Module):
     """A light transformer that fills the dropped pieces of one stream with a mask token, adds fixed
     positions and predicts the dropped pieces' values."""
 
-    def __init__(self, enc_dim, num_prefix, pos, piece_dim, dim, depth, heads):
+    def __init__(self, enc_dim, num_prefix, pos, piece_dim, dim, depth, heads, init="trunc_normal"):
         super().__init__()
         self.num_prefix = num_prefix
         self.decoder_embed = nn.Linear(enc_dim, dim)
@@ -691,7 +780,7 @@ class MAEDecoder(nn.Module):
         self.decoder_blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, piece_dim)
-        self.apply(init_weights)
+        self.apply(partial(init_weights, scheme=init))
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, latent, ids_restore, ids_masked):
@@ -713,11 +802,17 @@ class MAE(nn.Module):
     random share of its pieces (75% of the patches; `spectral_mask_ratio` of the band groups); the encoder
     sees only what is left (plus CLS and registers); one light decoder per stream reconstructs its
     dropped pieces (all bands of a patch; a band group's pooled image); the loss is the MSE on dropped
-    pieces only, optionally against per-piece normalised targets, averaged over the streams."""
+    pieces only, optionally against per-piece normalised targets, averaged over the streams. The decoders
+    are initialised with the encoder's scheme (`init`). For the spatial-spectral ViT,
+    `hide_bands_from_spatial=False` keeps the band groups the spectral stream drops in the spatial
+    stream's patches (see `SpatialSpectralViT.embed`)."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
-                 norm_pix_loss=True, spectral_mask_ratio=0.5):
+                 norm_pix_loss=True, spectral_mask_ratio=0.5, hide_bands_from_spatial=True):
         super().__init__()
+        if not hide_bands_from_spatial and len(encoder.streams) < 2:
+            raise ValueError("hide_bands_from_spatial=False is for the spatial-spectral ViT (ssvit) only")
+        self.encode_options = {} if hide_bands_from_spatial else {"hide_bands_from_spatial": False}
         self.encoder, self.norm_pix_loss = encoder, norm_pix_loss
         self.ratios = [mask_ratio, spectral_mask_ratio][:len(encoder.streams)]
         h, w = encoder.grid
@@ -725,7 +820,7 @@ class MAE(nn.Module):
         positions = [sincos_pos_embed(decoder_dim, h, w), sincos_1d(decoder_dim, np.arange(pieces[-1].shape[1]))]
         self.decoders = nn.ModuleList(
             MAEDecoder(encoder.embed_dim, encoder.num_prefix, pos, piece.shape[-1], decoder_dim, decoder_depth,
-                       decoder_heads) for pos, piece in zip(positions, pieces))
+                       decoder_heads, encoder.init_scheme) for pos, piece in zip(positions, pieces))
 
     @property
     def mask_ratio(self):
@@ -766,7 +861,7 @@ class MAE(nn.Module):
             raise ValueError(f"MAE is trained at {self.encoder.grid} patches, got input {tuple(x.shape[-2:])}")
         targets = self.encoder.pieces(x)  # per stream (B, N, piece_dim)
         ids = [self.random_masking(x.shape[0], t.shape[1], x.device, r) for t, r in zip(targets, self.ratios)]
-        latents = self.encoder.encode(x, keep=[i[0] for i in ids])
+        latents = self.encoder.encode(x, keep=[i[0] for i in ids], **self.encode_options)
         preds, losses = [], []
         for decoder, latent, target, (_, ids_masked, ids_restore) in zip(self.decoders, latents, targets, ids):
             preds.append(decoder(latent, ids_restore, ids_masked))
@@ -795,11 +890,17 @@ class SimMIM(nn.Module):
     linear head per spectral block predicts each token's pixels, and the loss is the L1 error on masked
     tokens only. Tube masking: a sample's masked patches are masked in every spectral block. Every
     sample masks exactly round(ratio * N) patches and the loss reads the boolean mask itself, so unlike
-    the reference implementation no visible token can enter the loss."""
+    the reference implementation no visible token can enter the loss. `mask_block` k > 1 masks squares
+    of k x k patches (exactly round(ratio * squares) of them), as the reference's mask generator
+    (`mim_mask_patch_size: 4` with 1-pixel patches): single masked pixels are easy to fill in from
+    their visible neighbours."""
 
-    def __init__(self, encoder, mask_ratio=0.7):
+    def __init__(self, encoder, mask_ratio=0.7, mask_block=1):
         super().__init__()
-        self.encoder, self.mask_ratio = encoder, mask_ratio
+        h, w = encoder.grid
+        if mask_block < 1 or h % mask_block or w % mask_block:
+            raise ValueError(f"the {h}x{w} patch grid does not split into {mask_block}x{mask_block} mask blocks")
+        self.encoder, self.mask_ratio, self.mask_block = encoder, mask_ratio, mask_block
         S, D = encoder.num_blocks, encoder.embed_dim
         piece = encoder.spectral_patch * encoder.patch_size ** 2
         self.pred_weight = nn.Parameter(torch.empty(S, D, piece))
@@ -813,10 +914,19 @@ class SimMIM(nn.Module):
         return 3 * (self.encoder.flops(h * w) + 2 * S * h * w * D * piece) - self.encoder.embed_flops(h * w)
 
     def tube_mask(self, B, N, device):
-        """(B, N) boolean, exactly round(ratio * N) True per row, chosen uniformly."""
-        k = int(round(self.mask_ratio * N))
-        ranks = torch.rand(B, N, device=device).argsort(dim=1).argsort(dim=1)
-        return ranks < k
+        """(B, N) boolean, exactly round(ratio * N) True per row, chosen uniformly (in squares of
+        mask_block x mask_block patches: round(ratio * squares) squares)."""
+        b = self.mask_block
+        h, w = (self.encoder.grid if b > 1 else (1, N))
+        if h * w != N:
+            raise ValueError(f"mask blocks are drawn on the training grid {h}x{w}, got {N} patches")
+        n = (h // b) * (w // b)
+        ranks = torch.rand(B, n, device=device).argsort(dim=1).argsort(dim=1)
+        mask = ranks < int(round(self.mask_ratio * n))
+        if b == 1:
+            return mask
+        mask = mask.reshape(B, h // b, 1, w // b, 1).expand(-1, -1, b, -1, b)
+        return mask.reshape(B, N)
 
     def forward(self, x, mask=None):
         """x (B, C, H, W) -> loss, predictions (B, S, N, piece), mask (B, N)."""
@@ -859,9 +969,13 @@ class DINOHead(nn.Module):
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, x):
-        """(..., in_dim) -> (..., num_prototypes) logits."""
-        x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, F.normalize(self.prototypes, dim=-1))
+        """(..., in_dim) -> (..., num_prototypes) logits, always fp32: the MLP runs under autocast, the
+        normalisation and the prototype layer (65536-way at base, cosines whose differences matter at
+        temperature 0.04-0.1) do not."""
+        x = self.mlp(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.normalize(x.float(), dim=-1)
+            return F.linear(x, F.normalize(self.prototypes.float(), dim=-1))
 
 
 # ----------------------------------------------------------------------------- segmentation

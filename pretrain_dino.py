@@ -55,20 +55,32 @@ def parse_args(argv=None):
     p.add_argument("--teacher-temp", type=float, default=0.07, help="lower it if training is unstable")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
     p.add_argument("--teacher-temp-warmup-steps", type=int, default=100)
-    p.add_argument("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="teacher EMA, cosine start/end")
+    p.add_argument("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="teacher EMA, cosine start/end. "
+                   "DINOv2's 0.992 -> 1 is for 125k iterations: over 300 steps it leaves ~30%% of the random "
+                   "initial teacher in the saved teacher (printed at start; the probe reads the teacher). For short "
+                   "runs start lower, e.g. 0.96 0.996 (~0.1%% left after 300 steps), or probe the student "
+                   "(finetune_seg.py/eval.py --init-weights student)")
     p.add_argument("--batch-size", type=int, default=16, help="tiles per process (each gives 2 + --local-crops views)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--freeze-prototypes-steps", type=int, default=30, help="prototypes frozen at first (DINO: 1 epoch)")
-    p.add_argument("--blr", type=float, default=2e-3, help="lr = blr * effective batch / 256")
+    p.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="linear: lr = blr x global "
+                   "batch / 256 (blr 2e-3 by default); sqrt: DINOv2's rule, lr = blr x sqrt(global batch / 1024) (blr "
+                   "0.004 by default), for adaptive optimisers the rule that keeps the update noise level across "
+                   "batch sizes: 4x the linear lr at batch 16, the same at 1024")
+    p.add_argument("--blr", type=float, default=None, help="base lr for --lr-scaling (default: linear 2e-3, sqrt 0.004)")
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="cosine start/end")
     p.add_argument("--clip-grad", type=float, default=3.0)
     p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=None, help="multi-crop "
                    "batched on the device, the loader workers only cut raw windows (default: on with CUDA, off on "
                    "CPU); a GPU needs ~10x more tiles/s than CPU workers multi-crop")
+    common.add_recipe_args(p)
     common.add_run_args(p, out="runs/dino")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.blr is None:
+        args.blr = {"linear": 2e-3, "sqrt": 4e-3}[args.lr_scaling]
+    return args
 
 
 # ----------------------------------------------------------------------------- losses
@@ -129,13 +141,14 @@ def gather_with_grad(x):
 def koleo(features, eps=1e-8):
     """KoLeo regulariser: -mean log distance of each (L2-normalised) feature to its nearest neighbour,
     neighbours searched over the global batch so the loss does not depend on how it is split into ranks."""
-    x = F.normalize(features.float(), dim=-1, eps=eps)
-    everyone, offset = gather_with_grad(x)
-    with torch.no_grad():
-        sim = x @ everyone.t()
-        sim.narrow(1, offset, len(x)).diagonal().fill_(-2)  # not itself
-        nearest = sim.argmax(dim=1)
-    return -torch.log((x - everyone[nearest]).norm(dim=-1) + eps).mean()
+    with torch.autocast(features.device.type, enabled=False):  # fp32 search and distances under autocast
+        x = F.normalize(features.float(), dim=-1, eps=eps)
+        everyone, offset = gather_with_grad(x)
+        with torch.no_grad():
+            sim = x @ everyone.t()
+            sim.narrow(1, offset, len(x)).diagonal().fill_(-2)  # not itself
+            nearest = sim.argmax(dim=1)
+        return -torch.log((x - everyone[nearest]).norm(dim=-1) + eps).mean()
 
 
 # ----------------------------------------------------------------------------- model
@@ -235,7 +248,7 @@ def build(args, in_chans, wavelengths=None, bands=None):
     backbone = build_backbone(args.backbone, args.size, in_chans, args.img_size, args.patch_size,
                               num_registers=args.registers, ffn=args.ffn, layerscale=args.layerscale or None,
                               drop_path_rate=args.drop_path, mask_token=True, spectral_patch=args.spectral_patch,
-                              wavelengths=wavelengths, bands=bands)
+                              wavelengths=wavelengths, bands=bands, init=args.init_scheme, pos_embed=args.pos_embed)
     heads = lambda: [DINOHead(backbone.embed_dim, args.prototypes, args.head_hidden, args.head_bottleneck)  # noqa
                      for _ in backbone.streams]
     student = Student(backbone, heads(), heads() if args.separate_ibot_head else None)
@@ -267,6 +280,11 @@ def flops_per_tile(args, student):
 def teacher_forward(teacher, global_crops, masks):
     """Per stream: DINO logits of the CLS tokens and iBOT logits of the tokens the student has masked."""
     return [(g, ibot) for _, g, ibot in teacher.heads(teacher.backbone.encode(global_crops), masks)]
+
+
+def initial_teacher_share(momentum_schedule):
+    """The weight of the initial (random) teacher in the teacher after the schedule: prod(momentum)."""
+    return float(np.prod(momentum_schedule))
 
 
 @torch.no_grad()
@@ -334,9 +352,10 @@ def train(args, rank, world, device):
     student, teacher = (m.to(device) for m in build(args, in_chans, datasets[0].wavelengths, datasets[0].band_info))
     common.seed_everything(args.seed, rank)  # then per-rank streams (stochastic depth)
     criterion = DINOLoss(args, args.prototypes, student.backbone.streams).to(device)
-    lr = common.scaled_lr(args.blr, args.batch_size, world)
+    lr = common.scaled_lr(args.blr, args.batch_size, world, rule=args.lr_scaling)
     common.print0(f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student params | {in_chans} bands | "
-                  f"lr {lr:.2e} | {dtype} on {device}")
+                  f"lr {lr:.2e} ({args.lr_scaling} scaling of blr {args.blr}, global batch {args.batch_size * world}) | "
+                  f"{dtype} on {device}")
     optimizer = common.adamw(common.decay_groups(student, args.weight_decay[0]), lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sched = {"lr": common.cosine_schedule(lr, args.min_lr, args.steps, args.warmup_steps),
@@ -345,6 +364,8 @@ def train(args, rank, world, device):
              "teacher_temp": np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp,
                                                          args.teacher_temp_warmup_steps),
                                              np.full(args.steps, args.teacher_temp)])[:args.steps]}
+    common.print0(f"teacher momentum {args.momentum[0]} -> {args.momentum[1]} (cosine over {args.steps} steps): the "
+                  f"final teacher keeps {initial_teacher_share(sched['momentum']):.1%} of its random initialisation")
     state = dict(student=student, teacher=teacher, criterion=criterion, optimizer=optimizer, scaler=scaler)
     start = common.resume(ckpt_path, rank, student.backbone.config, **state) if args.resume else 0
     # The mask token and iBOT head get a gradient every step (zero without masked tokens): DDP needs no

@@ -4,6 +4,7 @@ and reconstructed), SimMIM for the factorised `sst` (MaskedSST-style: mask token
     python pretrain_mae.py                                   # small real run on the bundled Indian Pines
     python pretrain_mae.py --backbone ssvit --out runs/mae_ssvit
     python pretrain_mae.py --backbone sst --spectral-patch 25 --out runs/mim_sst
+    python pretrain_mae.py --preset maskedsst --out runs/maskedsst   # MaskedSST's tokens, windows and order
     torchrun --nproc_per_node 2 pretrain_mae.py --out runs/mae2
     python pretrain_mae.py --data /data/WHU-OHS --size base --batch-size 128 --steps 50000 --out runs/mae_b
 """
@@ -14,7 +15,12 @@ from tqdm import tqdm
 
 import common
 import data
+import models
 from models import MAE, MAE_DECODER_SIZES, SimMIM, build_backbone, unpatchify
+
+# MaskedSST pre-trains on random 8 x 8 windows without resampling: a random resized crop blends
+# neighbouring spectra. Flips stay (they move pixels, never mix them); SimMIM masks 4 x 4 pixel squares.
+PRESETS = {"maskedsst": {**models.PRESETS["maskedsst"], "crop_scale": (1.0, 1.0), "flips": True, "mask_block": 4}}
 
 
 def parse_args(argv=None):
@@ -31,10 +37,21 @@ def parse_args(argv=None):
     p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
     p.add_argument("--mask-ratio", type=float, default=None, help="share of patches masked (MAE 0.75; sst 0.7)")
     p.add_argument("--spectral-mask-ratio", type=float, default=0.5, help="ssvit: share of band groups dropped")
+    p.add_argument("--hide-bands-from-spatial", action=argparse.BooleanOptionalAction, default=True,
+                   help="ssvit: zero the band groups dropped for the spectral stream in the spatial stream's patches too "
+                   "(exact hiding; but then the spatial encoder never sees all bands until fine-tuning). With --no-... "
+                   "the spatial stream sees all bands of its visible patches, and through fusion the spectral "
+                   "decoder can read the dropped groups at those pixels (part of its target)")
+    p.add_argument("--mask-block", type=int, default=1, help="sst (SimMIM): mask squares of N x N patches "
+                   "(MaskedSST: 4 with 1-pixel patches; single masked pixels are filled in from their neighbours)")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised targets (MAE paper: better representations)")
-    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size; base: 512 (MAE paper)")
-    p.add_argument("--decoder-depth", type=int, default=None, help="default by --size; base: 8 (MAE paper)")
+    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size (tiny 128, small 256, base 512 "
+                   "as the MAE paper). The decoder must be large enough for the encoder: a tiny one (128 x 4 at tiny) "
+                   "leaves the reconstruction to the encoder's last blocks, whose features then suit pixels, not "
+                   "probes (MAE paper Table 1a: deeper decoders give better linear probes)")
+    p.add_argument("--decoder-depth", type=int, default=None, help="default by --size (tiny/small 4, base 8 as the "
+                   "MAE paper); see --decoder-dim")
     p.add_argument("--decoder-heads", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--steps", type=int, default=300)
@@ -55,19 +72,23 @@ def parse_args(argv=None):
     p.add_argument("--band-gain", type=float, default=0.0, help="per-band gain jitter, e.g. 0.02")
     p.add_argument("--image-every", type=int, default=100, help="reconstructions to TensorBoard every N steps")
     p.add_argument("--rgb-bands", type=int, nargs=3, default=None, help="bands shown in pictures (default: true colour)")
+    common.add_recipe_args(p, sst=True)
     common.add_run_args(p, out="runs/mae")
-    return p.parse_args(argv)
+    return common.parse_with_preset(p, argv, PRESETS)
 
 
 def build_model(args, ds):
     encoder = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
                              num_registers=args.registers, ffn=args.ffn, spectral_patch=args.spectral_patch,
-                             wavelengths=ds.wavelengths, bands=ds.band_info)
+                             wavelengths=ds.wavelengths, bands=ds.band_info, init=args.init_scheme,
+                             pos_embed=args.pos_embed, block_order=args.block_order, embed_norm=args.embed_norm)
     if args.backbone == "sst":
-        return SimMIM(encoder, args.mask_ratio or 0.7)
+        return SimMIM(encoder, args.mask_ratio or 0.7, args.mask_block)
+    if args.mask_block != 1:
+        raise ValueError("--mask-block is for --backbone sst (SimMIM)")
     dim, depth, heads = MAE_DECODER_SIZES[args.size]
     return MAE(encoder, args.decoder_dim or dim, args.decoder_depth or depth, args.decoder_heads or heads,
-               args.mask_ratio or 0.75, args.norm_pix_loss, args.spectral_mask_ratio)
+               args.mask_ratio or 0.75, args.norm_pix_loss, args.spectral_mask_ratio, args.hide_bands_from_spatial)
 
 
 def log_reconstructions(logger, model, x, outputs, bands, step, n=4):
