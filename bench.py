@@ -72,7 +72,7 @@ def dino_case(args, backbone, B, device):
     criterion = pretrain_dino.DINOLoss(targs, targs.prototypes, student.backbone.streams).to(device)
     g = torch.randn(2 * B, args.bands, 64, 64, device=device)
     loc = torch.randn(8 * B, args.bands, 32, 32, device=device)
-    masks = pretrain_dino.token_masks(pretrain_dino.batch_masks(targs, 0, 0, B, student.backbone), device)
+    masks = pretrain_dino.token_masks(targs, 0, 0, 1, B, student.backbone, device)
 
     def loss(m):  # the EMA update is part of the step
         with torch.no_grad():
@@ -136,6 +136,13 @@ def run(args, trainer, backbone, device, dtype, decoder=None):
                 tflops=B / dt * arch_flops / 1e12, mem=mem)
 
 
+def mfu_text(tflops, peak, bf16=None):
+    """'12.3%' (and ' / 45%' of the bf16 matmul rate on CPU); 'n/a' for a GPU missing from the peak table."""
+    if peak is None:
+        return "n/a"
+    return f"{tflops / peak:.1%}" + (f" / {tflops / bf16:.0%}" if bf16 else "")
+
+
 def bench_models(args):
     _, _, device = common.init_distributed(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
@@ -159,29 +166,46 @@ def bench_models(args):
                 args.decoders.split(",")
             for decoder in decoders:
                 r = run(args, trainer, backbone, device, dtype, decoder)
-                mfu = f"{r['tflops'] / peak:.1%}" + (f" / {r['tflops'] / bf16:.0%}" if bf16 else "")
+                mfu = mfu_text(r["tflops"], peak, bf16)
                 name = trainer if decoder is None else f"seg {decoder}{' frozen' if args.frozen else ''}"
                 print(f"| {name} | {backbone} | {r['batch']} | {r['img_s']:.1f} | {r['ms']:.0f} | {r['arch']:.2f} | "
                       f"{r['counted']:.2f} | {r['tflops']:.3f} | {mfu} | {r['mem']:.2f} |", flush=True)
 
 
 def bench_loader(args):
-    """Tiles/s of RandomTiles + step_loader with the trainers' augmentations, per worker count."""
-    datasets = data.load_datasets(args.data)
-    views = {"cut only": None, "MAE augment": data.Augment(True, (0.2, 1.0)), "DINO multi-crop": data.MultiCrop(64, 32, 8)}
-    print(f"{args.data} | batch {args.batch_size or 32}")
-    print("| pipeline | workers | tiles/s |")
-    print("|---|---|---|")
+    """Tiles/s of the trainers' input pipeline (data.augmented_batches: what pretrain_mae.py and
+    pretrain_dino.py read), per augmentation, where it runs (per tile in the loader workers, or batched
+    on --device with the workers only cutting raw windows) and worker count."""
+    _, _, device = common.init_distributed(args.device)
+    datasets, B = data.load_datasets(args.data), args.batch_size or 32
+    views = {"cut only": data.Augment(), "MAE augment (flips + random resized crop)": data.Augment(True, (0.2, 1.0)),
+             "DINO multi-crop (2 global + 8 local, jitter, blur, solarize)": data.MultiCrop(64, 32, 8)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"{args.data} | batch {B} | device {device} | torch threads {torch.get_num_threads()}")
+    print("| pipeline | augmented | workers | tiles/s |")
+    print("|---|---|---|---|")
+    raw = data.RandomTiles(datasets, 64, 0, labels=False, raw=True)
+    for workers in args.workers:  # what the workers do with --device-augment, whatever the augmentation
+        batches = iter(data.StepLoader(raw, B, 0, 0, 1, workers, device))
+        next(batches)
+        t0 = time.perf_counter()
+        for _ in range(args.steps * 4):
+            next(batches)
+        print(f"| raw windows only (the workers' part with --device-augment) | - | {workers} | "
+              f"{args.steps * 4 * B / (time.perf_counter() - t0):.0f} |", flush=True)
     for name, augment in views.items():
-        tiles = data.RandomTiles(datasets, 64, 0, augment)
-        for workers in args.workers:
-            loader = iter(data.step_loader(tiles, args.batch_size or 32, 0, 0, 1, workers, torch.device("cpu")))
-            next(loader)  # workers started
-            t0, n = time.perf_counter(), 0
-            for _ in range(args.steps * 4):
-                next(loader)
-                n += args.batch_size or 32
-            print(f"| {name} | {workers} | {n / (time.perf_counter() - t0):.0f} |", flush=True)
+        for on_device in (False, True):
+            for workers in args.workers:
+                batches = data.augmented_batches(datasets, 64, augment, 0, B, 0, 0, 1, workers, device, on_device)
+                next(batches)  # workers started
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(args.steps * 4):
+                    next(batches)
+                sync()
+                where = f"batched on {device.type}" if on_device else "per tile in the workers"
+                print(f"| {name} | {where} | {workers} | {args.steps * 4 * B / (time.perf_counter() - t0):.0f} |",
+                      flush=True)
 
 
 def main(argv=None):

@@ -5,14 +5,18 @@ import json
 import math
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -20,16 +24,39 @@ import torch.distributed as dist
 def init_distributed(device_arg="auto"):
     """Works with and without torchrun. Returns (rank, world_size, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
+    device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", 0)), world)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its convolution kernels once (CNNs, blur)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def pick_device(device_arg, local_rank, world):
+    """--device: auto (a GPU when there is one), cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N
+    (one process only; under torchrun pick the GPUs with CUDA_VISIBLE_DEVICES)."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        return torch.device("cuda", local_rank)
+    if world > 1:
+        raise ValueError(f"--device {device_arg}: under torchrun process i uses cuda:LOCAL_RANK; choose the GPUs "
+                         "with CUDA_VISIBLE_DEVICES instead")
+    return device
+
+
+def wrap_ddp(model, world, **kwargs):
+    """DistributedDataParallel with more than one process (gradients reduced straight from the buckets,
+    no second copy), the model itself otherwise."""
+    if world == 1:
+        return model
+    return DistributedDataParallel(model, gradient_as_bucket_view=True, **kwargs)
 
 
 def add_run_args(parser, out):
@@ -46,8 +73,13 @@ def add_run_args(parser, out):
     p.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps on GPU after a "
                    "compile warm-up of a minute or two")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10, help="log, and check the checkpoint clock and stop "
+                   "signals, every N steps (the only host syncs of the loop)")
+    p.add_argument("--ckpt-minutes", type=float, default=10.0, help="write the checkpoint every N minutes, at the "
+                   "end, and on SIGTERM/SIGUSR1 (then stop: what cluster schedulers send before killing a job)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="also write it every N steps (0: off)")
+    p.add_argument("--sync-debug", action="store_true", help="CUDA: raise on any host-device synchronisation inside "
+                   "a training step (torch.cuda.set_sync_debug_mode), to find what stalls the GPU")
     add_debug_arg(p)
 
 
@@ -107,12 +139,90 @@ def run_cli(main):
 
 
 def launch(train, args):
-    """Run train(args, rank, world, device) single-process or under torchrun; always tear down."""
+    """Run train(args, rank, world, device) single-process or under torchrun; always tear down. A run that
+    a stop signal ended early (see Checkpoints) exits with status 128 + the signal's number, as if killed
+    by it, so that `train && finetune` chains stop there; its checkpoint is written."""
     rank, world, device = init_distributed(args.device)
+    STOP.update(signal=None, stopped=False)
     try:
-        return train(args, rank, world, device)
+        with stop_signals():
+            result = train(args, rank, world, device)
     finally:
         cleanup_distributed()
+    if STOP["stopped"]:
+        raise SystemExit(128 + STOP["signal"])
+    return result
+
+
+# ----------------------------------------------------------------------------- stopping and checkpoint timing
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM & co send before killing a job (SIGUSR1: --signal)
+STOP = {"signal": None, "stopped": False}
+
+
+def _request_stop(signum, frame):
+    STOP["signal"] = signum
+
+
+@contextmanager
+def stop_signals():
+    """While training, SIGTERM and SIGUSR1 only ask the run to save and stop (Checkpoints acts on it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _request_stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Checkpoints:
+    """When to write the checkpoint: every --ckpt-minutes (rank 0's clock), every --ckpt-every steps if
+    set, at the last step, and after a stop signal reached any rank (then the run stops: `due` returns
+    stop=True). Clock and signals are checked every --log-every steps with one small all-reduce, so all
+    ranks decide together and the other steps never wait for the host."""
+
+    def __init__(self, args, steps, device):
+        self.steps, self.every, self.check_every = steps, args.ckpt_every, max(1, args.log_every)
+        self.seconds, self.device, self.last = 60 * args.ckpt_minutes, device, time.time()
+
+    def due(self, done):
+        """(save, stop) after step `done`."""
+        save = done == self.steps or bool(self.every and done % self.every == 0)
+        stop = False
+        if done % self.check_every == 0 and done < self.steps:
+            flags = torch.tensor([float(is_main() and time.time() - self.last >= self.seconds),
+                                  float(STOP["signal"] is not None)], device=self.device)
+            if dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            late, stop = (bool(v) for v in flags.tolist())
+            save = save or late or stop
+        if save:
+            self.last = time.time()
+        if stop:
+            STOP["stopped"] = True
+            STOP["signal"] = STOP["signal"] or signal.SIGTERM  # the signal reached another rank
+        return save, stop
+
+    @staticmethod
+    def report(done, path):
+        print0(f"stopped by {signal.Signals(STOP['signal']).name} after step {done}; checkpoint {path}; "
+               "continue with --resume")
+
+
+@contextmanager
+def no_host_sync(enabled, device):
+    """With --sync-debug on CUDA, any host-device synchronisation inside raises."""
+    if not (enabled and device.type == "cuda"):
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def cleanup_distributed():
@@ -140,6 +250,13 @@ def all_reduce_mean(t):
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def broadcast_buffers(module):
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, e.g. before evaluating."""
+    if dist.is_initialized():
+        for b in module.buffers():
+            dist.broadcast(b, 0)
 
 
 def seed_everything(seed, rank=0):
@@ -238,9 +355,11 @@ def set_lr(optimizer, lr):
 # ----------------------------------------------------------------------------- checkpoints
 
 def rng_state():
+    """This process's RNG states; CUDA: only its own device's (set_device), so that a run resumed where
+    fewer GPUs are visible (one per process under torchrun) finds what it needs."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -248,8 +367,11 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_initialized():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state; ours is at our index
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)
 
 
 def gather_rng_states():
@@ -284,12 +406,17 @@ def save_checkpoint(path, step, args, backbone, backbone_key, extra=None, **stat
 
 
 def resume(path, rank, backbone, **stateful):
-    """Load everything save_checkpoint wrote back into `stateful` and this rank's RNG; returns the step."""
+    """Load everything save_checkpoint wrote back into `stateful` and this rank's RNG; returns the step.
+    A GradScaler's empty state (saved by a bf16/fp32 run) leaves the scaler fresh, so such a run can go on
+    in fp16. Another process count continues the run, not bit-exactly (see restore_rng)."""
     ckpt = load_checkpoint(path)
     check_config(ckpt["backbone"], backbone, path)
     for name, obj in stateful.items():
+        if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+            continue  # a disabled scaler's state: nothing to restore
         obj.load_state_dict(ckpt[name])
-    restore_rng(ckpt["rng"], rank)
+    restore_rng(ckpt["rng"], rank, dist.get_world_size() if dist.is_initialized() else 1,
+                seed=(ckpt["args"].get("seed", 0), ckpt["step"]))
     print0(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -357,11 +484,15 @@ def _band_diff(saved, current):
             f"{sorted(a - b)[:20]}, only the data {sorted(b - a)[:20]} (changed bad_bands or nodata?)")
 
 
-def restore_rng(states, rank):
-    if len(states) <= rank:
-        raise ValueError(f"checkpoint holds RNG states for {len(states)} ranks; this run has rank {rank}. "
-                         "Resume with the same number of processes.")
-    set_rng_state(states[rank])
+def restore_rng(states, rank, world=1, seed=(0, 0)):
+    """This rank's saved RNG state. Saved by another number of processes, the run goes on (the data
+    order per rank changes anyway) with fresh streams from (seed, step, rank), and says it is not exact."""
+    if len(states) == world:
+        set_rng_state(states[rank])
+        return
+    print0(f"warning: the checkpoint was written by {len(states)} processes, this run has {world}: it continues, "
+           "but not bit-exactly as the original run would have (each rank's data and random streams change)")
+    seed_everything(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]), rank)
 
 
 def prepare_out_dir(out, resume):
@@ -410,23 +541,40 @@ def params_finite(model):
 # ----------------------------------------------------------------------------- speed
 
 GPU_PEAK_TFLOPS = {  # dense tensor-core peaks from the vendors' data sheets: (bf16/fp16, tf32)
-    "H200": (989.4, 494.7), "H100 PCIe": (756.0, 378.0), "H100": (989.4, 494.7), "A100": (312.0, 156.0),
-    "L40S": (362.1, 181.0), "L4": (121.0, 60.0), "A10": (125.0, 62.5), "RTX 4090": (165.2, 82.6),
-    "V100": (125.0, 15.7),
+    "H200": (989.4, 494.7), "H200 NVL": (835.5, 417.8), "H100": (989.4, 494.7), "H100 PCIe": (756.0, 378.0),
+    "H100 NVL": (835.5, 417.8), "A100": (312.0, 156.0), "L40S": (362.1, 181.0), "L40": (181.0, 90.5),
+    "L4": (121.0, 60.0), "A10": (125.0, 62.5), "RTX 4090": (165.2, 82.6), "V100": (125.0, 15.7),
 }
 
 
-def matmul_tflops(dtype, device=torch.device("cpu"), n=2048, seconds=1.0):
-    """Measured rate of an n x n matmul in `dtype` on this device: the CPU's practical peak."""
+def gpu_peak(name, dtype):
+    """The data-sheet peak of the GPU called `name` (torch.cuda.get_device_name), matched by whole words
+    so that an L40 is not read as an L4 nor an A10G as an A10; the longest matching entry wins (H100 PCIe
+    over H100). None for GPUs not in the table."""
+    words = re.split(r"[\s_-]+", name.upper())
+    best = None
+    for key, (half, tf32) in GPU_PEAK_TFLOPS.items():
+        k = key.upper().split()
+        if any(words[i:i + len(k)] == k for i in range(len(words))) and (best is None or len(k) > len(best[0])):
+            best = (k, tf32 if dtype == torch.float32 else half, key)
+    return (None, None) if best is None else best[1:]
+
+
+def matmul_tflops(dtype, device=torch.device("cpu"), n=2048, seconds=1.0, probes=5):
+    """Measured rate of an n x n matmul in `dtype` on this device: the CPU's practical peak. The best of
+    `probes` short timings, so that a moment when other jobs had the cores does not pass for the peak."""
     a = b = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random draws: runs must stay reproducible
     a @ b  # warm-up
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+    best = 0.0
+    for _ in range(probes):
+        reps, t0 = 0, time.perf_counter()
+        while reps == 0 or time.perf_counter() - t0 < seconds / probes:
+            a @ b
+            reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
 def counted_flops(fn):
@@ -442,11 +590,11 @@ def peak_tflops(device, dtype):
     measured now in that dtype."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, (half, tf32) in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return (tf32 if dtype == torch.float32 else half), f"{key} data sheet"
-        return None, f"unknown GPU {name}"
-    return matmul_tflops(dtype), "measured CPU matmul"
+        peak, key = gpu_peak(name, dtype)
+        if peak is None:
+            return None, f"unknown GPU {name}: no MFU; add its dense peak to common.GPU_PEAK_TFLOPS"
+        return peak, f"{key} data sheet"
+    return matmul_tflops(dtype), "measured CPU matmul, best of 5 probes"
 
 
 # ----------------------------------------------------------------------------- logging
@@ -481,7 +629,8 @@ class Logger:
             values = {**values, "img_per_s": (step - self.last_step) * images / (now - self.t0)}
             if self.flops:
                 values["tflops"] = values["img_per_s"] * self.flops / 1e12 / (dist.get_world_size() if dist.is_initialized() else 1)
-                if self.peak:
+                if self.peak:  # a busy machine's CPU probe can read low: the peak is never below what was reached
+                    self.peak = max(self.peak, values["tflops"])
                     values["mfu"] = values["tflops"] / self.peak
         self.t0, self.last_step = now, step
         if not self.enabled:

@@ -7,11 +7,15 @@ Reflectance is never quantised and tiles are cut, never resized: a 64x64 trainin
 the 512x512 WHU-OHS tile. Decoded rasters are cached as .npy (or the TIFF itself is memory-mapped when it
 is uncompressed), so the hot loop only slices memory maps.
 """
+import ctypes
 import hashlib
 import json
 import logging
 import math
+import mmap
 import os
+import signal
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -67,7 +71,7 @@ class RasterCache:
         self.dirty = False
 
     def open(self, path, label=False):
-        """(C, H, W) image or (H, W) label as a read-only memory map."""
+        """(C, H, W) image or (H, W) label as a read-only memory map (holding no file descriptor)."""
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such file")
         st = os.stat(path)
@@ -78,8 +82,8 @@ class RasterCache:
             entry = self._build(path, sig, label)
             self.manifest[key], self.dirty = entry, True
         if entry["npy"]:
-            return np.load(entry["npy"], mmap_mode="r"), entry
-        return tifffile.memmap(path, mode="r"), entry
+            return without_fd(np.load(entry["npy"], mmap_mode="r")), entry
+        return without_fd(tifffile.memmap(path, mode="r")), entry
 
     def _build(self, path, sig, label):
         try:
@@ -121,6 +125,47 @@ class RasterCache:
         if self.dirty:
             _write_json(self.manifest_path, self.manifest)
             self.dirty = False
+
+
+def without_fd(mm):
+    """The read-only np.memmap `mm` mapped again by libc's mmap, keeping no file descriptor open: Python's
+    mmap holds one per map, and WHU-OHS's ~10k rasters (image + label per tile) would pass the usual limit
+    of 1024 open files. The map is released when the last array using it is gone. Where libc has no mmap
+    (Windows) or the array is not C-ordered, `mm` itself."""
+    libc = _libc()
+    if libc is None or not mm.flags.c_contiguous or mm.size == 0:
+        return mm
+    start = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
+    length = mm.offset - start + mm.nbytes
+    fd = os.open(mm.filename, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    finally:
+        os.close(fd)  # the map stays valid without it
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        raise OSError(ctypes.get_errno(), f"{mm.filename}: mmap failed")
+    buffer = (ctypes.c_char * length).from_address(addr)
+    weakref.finalize(buffer, libc.munmap, addr, length)
+    arr = np.frombuffer(buffer, mm.dtype, mm.size, mm.offset - start).reshape(mm.shape)
+    arr.flags.writeable = False
+    return arr
+
+
+_LIBC = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_int64]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        except (OSError, AttributeError):
+            libc = None
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 @contextmanager
@@ -266,6 +311,19 @@ class HSIDataset:
             if valid is not None:
                 sub_lab[~valid] = IGNORE_INDEX
         return img, lab
+
+    def raw_window(self, index, y, x, size, dtype):
+        """The raw (C, size, size) window at (y, x) of raster `index` as `dtype` (uint16 into int16 as its
+        bit pattern), zero past the border, and its part inside the raster (y0, x0, y1, x1) in window
+        coordinates: what RandomTiles(raw=True) ships, for DeviceNormalize to finish as crop() would."""
+        _, H, W = self.rasters[index].image.shape
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + size, H), min(x + size, W)
+        out = np.zeros((self.raw_bands, size, size), dtype)
+        if y1 > y0 and x1 > x0:
+            src = self.read(index, y0, y1, x0, x1)
+            wrap = src.dtype == np.uint16 and dtype == np.int16
+            out[:, y0 - y:y1 - y, x0 - x:x1 - x] = src.view(np.int16) if wrap else src
+        return out, (y0 - y, x0 - x, y1 - y, x1 - x)
 
     def normalize(self, img):
         """(x - mean) / std per band, in place; with PCA then projected to (k, h, w) components."""
@@ -682,7 +740,7 @@ def spectral_solarize(x, threshold=0.0):
 @dataclass
 class Augment:
     """The HSI augmentations every trainer uses; all off by default. Called on a tile in physical units,
-    returns the normalised tensor and its labels."""
+    returns the normalised tensor and its labels; `batch` does the same for a batch on the device."""
     flips: bool = False
     crop_scale: tuple = None      # random resized crop area range, None = off
     brightness: float = 0.0
@@ -698,35 +756,32 @@ class Augment:
             img = spectral_jitter(img, rng, self.brightness, self.contrast, self.band_gain)
         return torch.from_numpy(normalize(img)), torch.from_numpy(lab)
 
+    def batch(self, x, d, rnd, normalize):
+        """Augment for a batch on the device: tiles x (B, C, H, W) in physical units from datasets d (B,),
+        random numbers from rnd (a StepRandom), normalize a DeviceNormalize -> normalised (B, C, H, W). One
+        affine resampling does crop and flip. Same distributions as the per-tile path, other draws."""
+        (B, C), device = x.shape[:2], x.device
+        if self.flips or self.crop_scale is not None:
+            crop = self.crop_scale is not None
+            boxes = crop_boxes(rnd.uniform(2 * CROP_TRIES + 2), self.crop_scale) if crop else full_boxes(B, device)
+            x = resample(x, boxes, dihedral_index(rnd.uniform()) if self.flips else None, x.shape[-1])
+        if self.brightness or self.contrast or self.band_gain:
+            x = batch_jitter(x, rnd.uniform(2 + C), self.brightness, self.contrast, self.band_gain,
+                             torch.ones(B, dtype=torch.bool, device=device))
+        return normalize(x, d)
 
-DIHEDRAL = torch.tensor([[[a, 0], [0, b]] for a in (1, -1) for b in (1, -1)]
-                        + [[[0, a], [b, 0]] for a in (1, -1) for b in (1, -1)], dtype=torch.float32)  # (8, 2, 2)
-
-
-def batch_augment(x, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flips=True):
-    """MAE's augmentation on the device, for when CPU workers cannot feed the GPU: per sample a random
-    resized crop and a random rot90/flip, as one affine resampling of the batch (B, C, H, W) (bilinear,
-    border padding). Same distributions as `random_resized_crop` and `dihedral`, different draws."""
-    B, dev = x.shape[0], x.device
-    u = torch.rand(B, 4, generator=generator, device=dev)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    w, h = (area * log_r.exp()).sqrt().clamp(max=1), (area / log_r.exp()).sqrt().clamp(max=1)  # side fractions
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 1, 1] = w, h
-    theta[:, 0, 2], theta[:, 1, 2] = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)
-    if flips:
-        k = torch.randint(0, 8, (B,), generator=generator, device=dev)
-        theta[:, :, :2] = theta[:, :, :2] @ DIHEDRAL.to(dev)[k]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    @staticmethod
+    def collated(x):
+        """The loader's collated tiles (B, C, H, W): already batch()'s layout."""
+        return x
 
 
 @dataclass
 class MultiCrop:
     """DINO's multi-crop for HSI: 2 global and n_local local views of one tile, each a random resized crop
     with flips, spectral jitter (p=0.8) and blur; the second global view may be spectrally solarized.
-    Returns ((2, C, G, G), (n_local, C, L, L)) normalised views."""
+    Returns ((2, C, G, G), (n_local, C, L, L)) normalised views; `batch` does the same for a batch on the
+    device."""
     global_size: int = 64
     local_size: int = 32
     n_local: int = 4
@@ -736,11 +791,15 @@ class MultiCrop:
     contrast: float = 0.2
     band_gain: float = 0.05
     blur_sigma: tuple = (0.1, 2.0)
+    jitter_p = 0.8
+    global_blur_p = (1.0, 0.1)
+    global_solarize_p = (0.0, 0.2)
+    local_blur_p = 0.5
 
     def view(self, img, lab, rng, normalize, size, scale, blur_p, solarize_p):
         v, _ = random_resized_crop(img, lab, rng, size, scale)
         v = dihedral([v], rng)[0]
-        if rng.random() < 0.8:
+        if rng.random() < self.jitter_p:
             v = spectral_jitter(v, rng, self.brightness, self.contrast, self.band_gain)
         if rng.random() < blur_p:
             v = gaussian_blur(v, rng.uniform(*self.blur_sigma))
@@ -750,56 +809,194 @@ class MultiCrop:
         return torch.from_numpy(v)
 
     def __call__(self, img, lab, rng, normalize):
-        g = [self.view(img, lab, rng, normalize, self.global_size, self.global_scale, 1.0, 0.0),
-             self.view(img, lab, rng, normalize, self.global_size, self.global_scale, 0.1, 0.2)]
-        local = [self.view(img, lab, rng, normalize, self.local_size, self.local_scale, 0.5, 0.0)
+        g = [self.view(img, lab, rng, normalize, self.global_size, self.global_scale, blur, solarize)
+             for blur, solarize in zip(self.global_blur_p, self.global_solarize_p)]
+        local = [self.view(img, lab, rng, normalize, self.local_size, self.local_scale, self.local_blur_p, 0.0)
                  for _ in range(self.n_local)]
         local = torch.stack(local) if local else torch.zeros(0, img.shape[0], self.local_size, self.local_size)
         return (torch.stack(g), local), torch.from_numpy(lab)
 
+    def batch(self, x, d, rnd, normalize):
+        """The multi-crop of a batch on the device: tiles x (B, C, S, S) in physical units from datasets
+        d (B,), random numbers from rnd (a StepRandom), normalize a DeviceNormalize -> normalised global
+        views (2B, C, G, G) and local views (n_local * B, C, L, L), view-major (every tile's first view,
+        then every tile's second...). The per-tile path's distributions (tests/test_device_pipeline.py)."""
+        g = self.batch_views(x, d, rnd, normalize, self.global_size, self.global_scale, self.global_blur_p,
+                             self.global_solarize_p)
+        local = self.batch_views(x, d, rnd, normalize, self.local_size, self.local_scale,
+                                 (self.local_blur_p,) * self.n_local, (0.0,) * self.n_local)
+        return g, local
 
-def block_mask(h, w, num_masked, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
-    """BEiT-style block-wise mask of exactly num_masked of the h x w patches: random rectangles first,
-    then single patches to reach the exact count (small grids rarely fit the last block)."""
-    mask = np.zeros((h, w), bool)
-    for _ in range(100):
-        left = num_masked - int(mask.sum())
-        if left < min_block:
-            break
-        area = rng.uniform(min_block, left)
-        ar = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
-        bh, bw = int(round(np.sqrt(area * ar))), int(round(np.sqrt(area / ar)))
-        if 0 < bh <= h and 0 < bw <= w:
-            top, lft = int(rng.integers(h - bh + 1)), int(rng.integers(w - bw + 1))
-            new = bh * bw - int(mask[top:top + bh, lft:lft + bw].sum())
-            if 0 < new <= left:
-                mask[top:top + bh, lft:lft + bw] = True
-    left = num_masked - int(mask.sum())
-    if left > 0:
-        mask.ravel()[rng.choice(np.flatnonzero(~mask.ravel()), left, replace=False)] = True
-    return mask
+    def batch_views(self, x, d, rnd, normalize, size, scale, blur_p, solarize_p):
+        """len(blur_p) views of every tile, view v blurred with probability blur_p[v] and solarized with
+        solarize_p[v] -> (V * B, C, size, size), view-major."""
+        V, C = len(blur_p), x.shape[1]
+        if V == 0:
+            return x.new_zeros(0, C, size, size)
+        v = resample(x, crop_boxes(rnd.views(V, 2 * CROP_TRIES + 2), scale), dihedral_index(rnd.views(V)), size)
+        jitter = rnd.views(V) < self.jitter_p
+        v = batch_jitter(v, rnd.views(V, 2 + C), self.brightness, self.contrast, self.band_gain, jitter)
+        blur = per_view(rnd.views(V), blur_p)
+        lo, hi = self.blur_sigma
+        v = batch_blur(v, torch.where(blur, lo + (hi - lo) * rnd.views(V), 0.0), hi)
+        v = normalize(v, d.repeat(V))
+        return batch_solarize(v, per_view(rnd.views(V), solarize_p))
+
+    @staticmethod
+    def collated(views):
+        """The loader's collated per-tile views ((B, 2, C, G, G), (B, n, C, L, L)) -> batch()'s layout."""
+        return tuple(v.transpose(0, 1).flatten(0, 1) for v in views)
 
 
-def ibot_masks(batch, h, w, rng, ratio=(0.1, 0.5), probability=0.5):
-    """(batch, h*w) bool: a `probability` share of the images masked, their ratios stratified over
-    `ratio` (one draw per equal-width bin, as DINOv2 does), the other images unmasked; order shuffled."""
-    n = h * w
+# Batched on the device: the augmentations above for a whole batch at once (B tiles, or V views of each,
+# view-major: V * B images), with the same distributions, every draw from a StepRandom.
+
+CROP_TRIES = 10  # random_resized_crop's redraws until a box fits
+
+
+def crop_boxes(u, scale, ratio=(3 / 4, 4 / 3)):
+    """Random resized crop boxes as `random_resized_crop` draws them, in fractions of the tile's side:
+    area share U(scale), log-uniform aspect ratio, redrawn until the box fits in the tile (at most
+    CROP_TRIES times, else the whole tile), uniform position. u (N, 2 * CROP_TRIES + 2) uniforms ->
+    (w, h, x, y), each (N,), (x, y) the box's centre in affine_grid units ([-1, 1])."""
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0:2 * CROP_TRIES:2]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1:2 * CROP_TRIES:2]
+    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()  # (N, tries)
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)  # the first box that fits
+    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)
+    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)
+    return w, h, (2 * u[:, -2] - 1) * (1 - w), (2 * u[:, -1] - 1) * (1 - h)
+
+
+def dihedral_index(u):
+    """One of the 8 rot90/flip transforms per image, from uniforms u (N,)."""
+    return (u * 8).long().clamp(max=7)
+
+
+def dihedral_matrices(k):
+    """(N, 2, 2) matrices of the rot90/flip transforms k (N,) in 0..7, built where k is (no table to copy
+    to the device): k < 4 diagonal, k >= 4 anti-diagonal, the signs from k's two low bits."""
+    a, b, swap = 1 - 2 * ((k >> 1) & 1).float(), 1 - 2 * (k & 1).float(), (k >= 4).float()
+    return torch.stack([a * (1 - swap), a * swap, b * swap, b * (1 - swap)], -1).view(-1, 2, 2)
+
+
+def resample(x, boxes, k, size):
+    """Each tile's crop boxes (w, h, x, y) (crop_boxes), turned by the rot90/flip k (None: not turned),
+    resized to size x size: one bilinear affine resampling (border padding). x (B, C, S, S); boxes and k
+    hold V views per tile, view-major (V * B,) -> (V * B, C, size, size). The views are stacked in one
+    sampling grid per tile, so x is never copied V times. The whole tile, not turned, is the identity."""
+    w, h, cx, cy = boxes
+    (B, C), N = x.shape[:2], w.shape[0]
+    theta = torch.zeros(N, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = w, h, cx, cy
+    if k is not None:
+        theta[:, :, :2] = theta[:, :, :2] @ dihedral_matrices(k)
+    grid = F.affine_grid(theta, [N, 1, size, size], align_corners=False)  # (V * B, size, size, 2)
+    grid = grid.view(N // B, B, size, size, 2).transpose(0, 1).reshape(B, N // B * size, size, 2)
+    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(B, C, N // B, size, size).transpose(0, 2).transpose(1, 2).reshape(N, C, size, size)
+
+
+def full_boxes(n, device):
+    """Crop boxes of the whole tile (no crop)."""
+    one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
+    return one, one, zero, zero
+
+
+def batch_jitter(x, u, brightness, contrast, band_gain, apply):
+    """spectral_jitter of every image of x (N, C, H, W) with its own draws, u (N, 2 + C) uniforms; images
+    where apply (N,) is False stay as they are. In physical units, before normalisation. As one multiply-add
+    per value: (mean + c (x - mean)) gain = mean (1 - c) gain + c gain x."""
+    C = x.shape[1]
+    gain = (1 - brightness + 2 * brightness * u[:, :1]) * (1 - band_gain + 2 * band_gain * u[:, 2:2 + C])  # (N, C)
+    c = 1 - contrast + 2 * contrast * u[:, 1:2]
+    scale = torch.where(apply[:, None], c * gain, 1.0)
+    shift = torch.where(apply[:, None], x.mean((2, 3)) * (1 - c) * gain, 0.0)
+    return torch.addcmul(shift[:, :, None, None], scale[:, :, None, None], x)
+
+
+def batch_blur(x, sigma, max_sigma):
+    """gaussian_blur of every image of x (N, C, H, W) with its own sigma (N,), 0 = none: the same kernel
+    (cut at ceil(3 sigma) and at (side - 1) // 2, normalised) and reflect padding, as one separable
+    depthwise convolution of the batch."""
+    N, C, H, W = x.shape
+    R = min(math.ceil(3 * max_sigma), (min(H, W) - 1) // 2)
+    if R < 1:
+        return x
+    t = torch.arange(-R, R + 1, device=x.device, dtype=x.dtype)
+    on = sigma > 0
+    s = torch.where(on, sigma, 1.0)[:, None]
+    k = torch.exp(-0.5 * (t / s) ** 2) * (t.abs() <= (3 * s).ceil())
+    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).to(x.dtype))  # (N, 2R + 1)
+    k = k[:, None].expand(N, C, 2 * R + 1).reshape(N * C, 1, 1, 2 * R + 1)
+    y = x.reshape(1, N * C, H, W)  # every band of every image is its own channel
+    y = F.conv2d(F.pad(y, (R, R, 0, 0), mode="reflect"), k, groups=N * C)
+    y = F.conv2d(F.pad(y, (0, 0, R, R), mode="reflect"), k.view(N * C, 1, -1, 1), groups=N * C)
+    return y.view(N, C, H, W)
+
+
+def batch_solarize(x, apply):
+    """spectral_solarize (threshold 0) of the images where apply (N,) is True."""
+    return torch.where(apply.view(-1, 1, 1, 1) & (x > 0), -x, x)
+
+
+def per_view(u, p):
+    """u (V * B,) view-major uniforms < p[v] for view v: a draw with a probability per view."""
+    return torch.cat([c < pv for c, pv in zip(u.chunk(len(p)), p)])
+
+
+# iBOT masks: how many tokens each crop masks is drawn on the host (the counts fix the number of masked
+# tokens, so the step needs no host sync to know it); which tokens, on the device.
+
+def ibot_mask_counts(batch, tokens, rng, ratio=(0.1, 0.5), probability=0.5):
+    """(batch,) masked-token counts for block masks: a `probability` share of the images masked, their
+    ratios stratified over `ratio` (one draw per equal-width bin, as DINOv2 does), the others unmasked;
+    order shuffled."""
     n_masked = int(batch * probability)
     edges = np.linspace(*ratio, n_masked + 1)
-    masks = [block_mask(h, w, int(round(n * rng.uniform(edges[i], edges[i + 1]))), rng).ravel()
-             for i in range(n_masked)]
-    masks += [np.zeros(n, bool)] * (batch - n_masked)
-    return np.stack(masks)[rng.permutation(batch)]
+    counts = np.zeros(batch, np.int64)
+    counts[:n_masked] = np.round(tokens * rng.uniform(edges[:-1], edges[1:]))
+    return counts[rng.permutation(batch)]
 
 
-def spectral_masks(n, groups, rng, ratio=(0.1, 0.5), probability=0.5):
-    """(n, groups) boolean iBOT masks over band-group tokens: a `probability` share of the rows hides a
-    random subset of round(U(ratio) * groups) groups (at least one), the others hide nothing."""
-    masks = np.zeros((n, groups), dtype=bool)
-    for row in np.flatnonzero(rng.random(n) < probability):
-        k = max(1, int(round(rng.uniform(*ratio) * groups)))
-        masks[row, rng.choice(groups, size=k, replace=False)] = True
-    return masks
+def spectral_mask_counts(n, groups, rng, ratio=(0.1, 0.5), probability=0.5):
+    """(n,) masked band-group counts: a `probability` share of the rows hides round(U(ratio) * groups)
+    groups (at least one), the others none."""
+    masked = rng.random(n) < probability
+    return np.where(masked, np.maximum(1, np.round(rng.uniform(*ratio, n) * groups)), 0).astype(np.int64)
+
+
+def block_masks(counts, h, w, u_blocks, u_fill, min_block=4, aspect=(0.3, 1 / 0.3)):
+    """BEiT-style block masks, batched: row i of the (n, h * w) result masks exactly counts[i] of the h x w
+    patches. Per row, T rectangles (u_blocks (n, T, 4) uniforms: area U(min_block, patches still missing),
+    log-uniform aspect ratio, uniform position) are laid one after the other, each kept when it adds at
+    least one and at most the missing patches; then single random patches (u_fill (n, h * w)) make the
+    count exact."""
+    ys = torch.arange(h, device=counts.device).view(1, h, 1)
+    xs = torch.arange(w, device=counts.device).view(1, 1, w)
+    mask = torch.zeros(len(counts), h, w, dtype=torch.bool, device=counts.device)
+    lo, hi = math.log(aspect[0]), math.log(aspect[1])
+    for u in u_blocks.unbind(1):
+        left = counts - mask.sum((1, 2))
+        area = min_block + u[:, 0] * (left - min_block)
+        ar = torch.exp(lo + (hi - lo) * u[:, 1])
+        bh, bw = (area * ar).sqrt().round(), (area / ar).sqrt().round()
+        top, lft = (u[:, 2] * (h - bh + 1)).floor(), (u[:, 3] * (w - bw + 1)).floor()
+        rect = ((ys >= top.view(-1, 1, 1)) & (ys < (top + bh).view(-1, 1, 1))
+                & (xs >= lft.view(-1, 1, 1)) & (xs < (lft + bw).view(-1, 1, 1)))
+        new = (rect & ~mask).sum((1, 2))
+        ok = (left >= min_block) & (bh >= 1) & (bh <= h) & (bw >= 1) & (bw <= w) & (new >= 1) & (new <= left)
+        mask |= rect & ok.view(-1, 1, 1)
+    mask = mask.flatten(1)
+    left = counts - mask.sum(1)
+    order = torch.where(mask, 2.0, u_fill).argsort(1).argsort(1)  # unmasked patches first, in random order
+    return mask | (order < left[:, None])
+
+
+def random_subsets(counts, u):
+    """(n, G) bool: row i marks counts[i] of its G entries, chosen uniformly by the uniforms u (n, G)."""
+    return u.argsort(1).argsort(1) < counts[:, None]
 
 
 # ----------------------------------------------------------------------------- tiling
@@ -807,12 +1004,18 @@ def spectral_masks(n, groups, rng, ratio=(0.1, 0.5), probability=0.5):
 class RandomTiles(torch.utils.data.Dataset):
     """Random size x size windows cut from all rasters of all datasets (rasters drawn in proportion to
     their area), passed through `augment` (Augment, MultiCrop: anything mapping (img, lab, rng, normalize)
-    to (x, y)). Item i is a pure function of (seed, i), so any number of workers and any resume point
-    give the same samples."""
+    to (x, y)); an item is (x, y, dataset index), or (x, dataset index) with labels=False (pre-training:
+    less to ship between processes). raw=True: no augmentation here, an item is the raw window (C, size,
+    size) in transport_dtype and its (dataset, valid extent) (5,), for DeviceNormalize and the batched
+    augmentations on the device. Item i is a pure function of (seed, i) - the same window in both modes -
+    so any number of workers and any resume point give the same samples."""
 
-    def __init__(self, datasets, size, seed=0, augment=None, min_labelled=0):
+    def __init__(self, datasets, size, seed=0, augment=None, min_labelled=0, labels=True, raw=False):
         self.datasets, self.size, self.seed, self.augment = datasets, size, seed, augment or Augment()
-        self.min_labelled = min_labelled
+        self.min_labelled, self.labels, self.raw = min_labelled, labels, raw
+        if raw and (min_labelled or labels):
+            raise ValueError("RandomTiles(raw=True) cuts unlabelled windows: pass labels=False, min_labelled=0")
+        self.transport = transport_dtype(datasets) if raw else None
         self.index = [(d, r) for d, ds in enumerate(datasets) for r in range(len(ds.rasters))]
         areas = np.array([np.prod(datasets[d].rasters[r].image.shape[1:]) for d, r in self.index], float)
         self.cum = np.cumsum(areas / areas.sum())
@@ -827,11 +1030,98 @@ class RandomTiles(torch.utils.data.Dataset):
             ds = self.datasets[d]
             _, H, W = ds.rasters[r].image.shape
             y, x = int(rng.integers(max(H - self.size, 0) + 1)), int(rng.integers(max(W - self.size, 0) + 1))
+            if self.raw:
+                window, extent = ds.raw_window(r, y, x, self.size, self.transport)
+                return torch.from_numpy(window), torch.tensor([d, *extent], dtype=torch.int32)
             img, lab = ds.crop(r, y, x, self.size, self.size)
             if (lab != IGNORE_INDEX).sum() >= self.min_labelled:
                 break
         x, y = self.augment(img, lab, rng, ds.normalize)
-        return x, y, d
+        return (x, y, d) if self.labels else (x, d)
+
+
+SMALL_INTEGERS = (np.int8, np.uint8, np.int16, np.uint16)
+
+
+def transport_dtype(datasets):
+    """What raw windows travel as from the loader's workers to the device: int16 (half of float32) when
+    every raster holds integers of at most 16 bits (uint16 as its bit pattern, undone on the device),
+    float32 otherwise."""
+    small = all(r.image.dtype in SMALL_INTEGERS for ds in datasets for r in ds.rasters)
+    return np.int16 if small else np.float32
+
+
+class DeviceNormalize:
+    """HSIDataset.crop's and normalize's arithmetic for raw windows, batched on the device. physical: raw
+    (B, C, S, S) windows and their info (B, 5) (dataset, valid extent; RandomTiles(raw=True)) -> float32
+    in physical units, invalid pixels (nodata, NaN, fill, past the raster's border) at the band means;
+    calling it: (x - mean) / std per band with each sample's dataset's statistics. Bit for bit what crop()
+    and normalize() give. The datasets' constants go to the device once, here."""
+
+    def __init__(self, datasets, device):
+        if any(ds.pca is not None for ds in datasets):
+            raise DataError("batched device-side augmentation does not project bands with PCA; augment in the "
+                            "loader (--no-device-augment)")
+        on = lambda values, dtype=torch.float32: torch.tensor(np.asarray(values), dtype=dtype, device=device)  # noqa
+        self.mean = on(np.stack([ds.mean for ds in datasets]))  # (D, C)
+        self.inv_std = on(np.stack([1 / ds.std for ds in datasets]))
+        self.scale = on([ds.value_scale or 1.0 for ds in datasets])
+        self.fill = on([ds.value_scale is not None for ds in datasets], torch.bool)
+        self.nodata = on([np.nan if ds.nodata is None else ds.nodata for ds in datasets])  # NaN: never equal
+        unsigned = [any(r.image.dtype == np.uint16 for r in ds.rasters) and not ds.signed_view for ds in datasets]
+        self.unsigned = on(unsigned, torch.bool)
+        # What can happen at all, known here, so that the common case runs few kernels.
+        self.checks = {"unsigned": any(unsigned), "nodata": any(ds.nodata is not None for ds in datasets),
+                       "scale": any(ds.value_scale is not None for ds in datasets),
+                       "smallest side": min(min(r.image.shape[1:]) for ds in datasets for r in ds.rasters)}
+
+    def physical(self, raw, info):
+        d, extent = info[:, 0].long(), info[:, 1:].long()
+        each = lambda t: t[d].view(-1, 1, 1, 1)  # noqa: E731 - one value per sample, over (C, H, W)
+        x, bad, checks = raw.float(), [], self.checks
+        if raw.dtype == torch.int16 and checks["unsigned"]:
+            x = torch.where(each(self.unsigned) & (x < 0), x + 65536, x)  # uint16 data sent as its bit pattern
+        if checks["nodata"]:
+            bad.append(x == each(self.nodata))
+        if checks["scale"]:
+            x = x * each(self.scale)
+            bad.append(each(self.fill) & (x < FILL_BELOW_REFLECTANCE))
+        if raw.is_floating_point():
+            bad.append(~torch.isfinite(x))
+        invalid = [b.any(1) for b in bad]
+        if max(x.shape[-2:]) > checks["smallest side"]:  # some window may reach past its raster's border
+            ys, xs = (torch.arange(n, device=x.device) for n in x.shape[-2:])
+            invalid.append(~(((ys >= extent[:, 0, None]) & (ys < extent[:, 2, None]))[:, :, None]
+                             & ((xs >= extent[:, 1, None]) & (xs < extent[:, 3, None]))[:, None, :]))
+        if not invalid:
+            return x
+        return torch.where(torch.stack(invalid).any(0)[:, None], self.mean[d][:, :, None, None], x)
+
+    def __call__(self, x, d):
+        d = d.long()
+        return (x - self.mean[d][:, :, None, None]) * self.inv_std[d][:, :, None, None]
+
+
+class StepRandom:
+    """Uniform random numbers for one step of the global batch, of which this process takes its rows:
+    every draw is made for all world x batch samples from a generator seeded by (seed, stream, step), and
+    row r * batch + j goes to sample j of rank r - the global sample StepBatches gives that rank. So a
+    sample's augmentation depends on (seed, step, its place in the global batch) only: one process and
+    several draw the same, and a resumed run redraws exactly. Drawing the global batch's parameters costs
+    a few numbers per sample; every image operation runs on this rank's samples only."""
+
+    def __init__(self, seed, step, rank, world, batch, device, stream=0):
+        state = np.random.SeedSequence([seed, stream, step]).generate_state(1, np.uint64)[0]
+        self.gen = torch.Generator(device).manual_seed(int(state))
+        self.rows, self.total, self.device = slice(rank * batch, (rank + 1) * batch), world * batch, device
+
+    def uniform(self, *shape):
+        """(batch, *shape) uniforms in [0, 1) for this rank's samples."""
+        return torch.rand(self.total, *shape, generator=self.gen, device=self.device)[self.rows]
+
+    def views(self, views, *shape):
+        """(views * batch, *shape) uniforms for `views` views of each sample, view-major."""
+        return self.uniform(views, *shape).transpose(0, 1).flatten(0, 1)
 
 
 def grid_windows(H, W, size, overlap):
@@ -867,29 +1157,140 @@ class GridTiles(torch.utils.data.Dataset):
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batch indices by step: step s, rank r reads items [(s*world + r)*B, ... + B). Resuming at step s
-    reads exactly what the uninterrupted run would have read."""
+    """Batch indices by step: step s, rank r reads items [(s*world + r)*B, ... + B), in pieces of at most
+    `chunk` items (StepLoader puts them together). Resuming at step s reads exactly what the uninterrupted
+    run would have read."""
 
-    def __init__(self, batch_size, start_step=0, rank=0, world=1):
-        self.B, self.start, self.rank, self.world = batch_size, start_step, rank, world
+    def __init__(self, batch_size, start_step=0, rank=0, world=1, chunk=None):
+        self.B, self.start, self.rank, self.world, self.chunk = batch_size, start_step, rank, world, chunk or batch_size
 
     def __iter__(self):
         step = self.start
         while True:
             base = (step * self.world + self.rank) * self.B
-            yield list(range(base, base + self.B))
+            for lo in range(base, base + self.B, self.chunk):
+                yield list(range(lo, min(lo + self.chunk, base + self.B)))
             step += 1
 
 
+PREFETCH = 2  # batches in flight per worker
+SHM_ADVICE = ("give the container more shared memory (docker run --shm-size=8g, or --ipc=host; Kubernetes: an "
+              "emptyDir volume with medium: Memory mounted at /dev/shm), or pass --workers 0")
+
+
+class StepLoader:
+    """The step-indexed DataLoader every trainer reads: iterating gives each step's batch (the items'
+    tensors collated, as tuples/lists like the items) on `device`, through pinned memory on a GPU.
+    workers=None: 4 per process on GPU; none on CPU, where workers only steal the model's cores. Workers
+    hand batches over in shared memory (/dev/shm: 64 MB in a default container), PREFETCH per worker:
+    when that does not fit, a batch travels in smaller chunks (shm_chunk), put together on the device."""
+
+    def __init__(self, dataset, batch_size, start_step, rank, world, workers, device):
+        workers = (4 if device.type == "cuda" else 0) if workers is None else workers
+        chunk = shm_chunk(dataset, batch_size, workers) if workers else batch_size
+        self.parts, self.device = math.ceil(batch_size / chunk), device
+        # Own generator: otherwise creating the iterator draws from the global torch RNG, which would make a
+        # resumed run's masks differ from the uninterrupted run's.
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=StepBatches(batch_size, start_step, rank, world, chunk),
+            generator=torch.Generator(), num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
+            worker_init_fn=ignore_stop_signals if workers else None)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            try:
+                parts = [to_device(next(batches), self.device) for _ in range(self.parts)]
+            except RuntimeError as e:
+                if not any(s in str(e) for s in ("shared memory", "No space left on device", "Bus error")):
+                    raise
+                raise DataError(f"the DataLoader workers ran out of shared memory (/dev/shm): {SHM_ADVICE} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            yield parts[0] if self.parts == 1 else concat(parts)
+
+
 def step_loader(dataset, batch_size, start_step, rank, world, workers, device):
-    """workers=None: 4 per process on GPU; none on CPU, where workers only steal the model's cores."""
-    workers = (4 if device.type == "cuda" else 0) if workers is None else workers
-    # Own generator: otherwise creating the iterator draws from the global torch RNG, which would make a
-    # resumed run's masks differ from the uninterrupted run's.
-    return torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(batch_size, start_step, rank, world),
-                                       generator=torch.Generator(),
-                                       num_workers=workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    """StepLoader(...): see there."""
+    return StepLoader(dataset, batch_size, start_step, rank, world, workers, device)
+
+
+def shm_free_bytes():
+    """Free bytes in /dev/shm, None where there is none (not Linux)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def shm_chunk(dataset, batch_size, workers):
+    """Items per DataLoader batch such that what the workers hold in /dev/shm (workers x PREFETCH batches)
+    stays within half of this process's share of its free space (the node's processes share it)."""
+    free = shm_free_bytes()
+    if free is None:
+        return batch_size
+    item = nbytes(dataset[0])
+    share = free / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    chunk = min(batch_size, int(share // (workers * PREFETCH * item)))
+    mb = lambda n: f"{n / 2 ** 20:.1f} MB"  # noqa: E731
+    if chunk < 1:
+        raise DataError(f"/dev/shm has {mb(free)} free: too little for {workers} loader workers x {PREFETCH} batches "
+                        f"of even one item ({mb(item)}) per process; {SHM_ADVICE}")
+    if chunk < batch_size:
+        print0(f"note: /dev/shm has {mb(free)} free, so the loader ships each batch of {batch_size} in chunks of "
+               f"{chunk} (more overhead per item); {SHM_ADVICE}")
+    return chunk
+
+
+def nbytes(item):
+    """Bytes of the tensors in an item (tensors in tuples/lists)."""
+    if torch.is_tensor(item):
+        return item.nbytes
+    return sum(nbytes(i) for i in item) if isinstance(item, (tuple, list)) else 0
+
+
+def to_device(batch, device):
+    """Tensors (in tuples/lists) to `device`; from pinned memory the copy does not wait for the device."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(b, device) for b in batch)
+
+
+def concat(parts):
+    """Chunks of one batch (same structure) -> the batch."""
+    if torch.is_tensor(parts[0]):
+        return torch.cat(parts)
+    return type(parts[0])(concat(list(p)) for p in zip(*parts))
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which saves and stops."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def augmented_batches(datasets, size, augment, seed, batch_size, start_step, rank, world, workers, device,
+                      on_device):
+    """Each step's augmented, normalised batch on the device, for the pre-training trainers; augment is an
+    Augment (-> (B, C, H, W)) or a MultiCrop (-> (2B, C, G, G), (nB, C, L, L), view-major). on_device:
+    the workers only cut raw windows and the augmentations run batched on the device, drawn from
+    StepRandom(seed, step) - a GPU needs thousands of tiles/s, several times what CPU workers augment;
+    else every tile is augmented in the workers (for CPU runs). Same windows and distributions, other
+    draws."""
+    tiles = RandomTiles(datasets, size, seed, None if on_device else augment, labels=False, raw=on_device)
+    normalize = DeviceNormalize(datasets, device) if on_device else None
+    loader = StepLoader(tiles, batch_size, start_step, rank, world, workers, device)
+
+    def batches():  # the loader and constants above are ready before the first step
+        for step, batch in enumerate(loader, start_step):
+            if on_device:
+                raw, info = batch
+                rnd = StepRandom(seed, step, rank, world, batch_size, device)
+                yield augment.batch(normalize.physical(raw, info), info[:, 0], rnd, normalize)
+            else:
+                yield augment.collated(batch[0])
+    return batches()
 
 
 # ----------------------------------------------------------------------------- sparse-label splits

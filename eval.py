@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -115,13 +116,16 @@ def fully_convolutional(config):
     return config["name"] in ("pixel", "cdcnn")
 
 
-def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=None, on_raster=None):
+def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=None, on_raster=None, shard=False):
     """Metrics over every raster of ds (only pixels in label_mask for a one-raster scene split).
-    on_raster(index, prediction, labels) is called for each raster, e.g. to draw pictures."""
+    on_raster(index, prediction, labels) is called for each raster this process predicts, e.g. to draw
+    pictures. shard=True under torchrun: rank r predicts rasters r, r + world, ... and the confusion
+    matrices are summed over the ranks, so every rank returns the same metrics (and decides alike)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
     cm = np.zeros((ds.num_classes, ds.num_classes), np.int64)
-    for r in range(len(ds.rasters)):
+    for r in range(rank, len(ds.rasters), world):
         logits, labels = predict_raster(model, ds, r, window, overlap, batch_size, device, dtype)
         pred = logits.argmax(0).numpy()
         if label_mask is not None:
@@ -130,6 +134,8 @@ def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=N
         if on_raster is not None:
             on_raster(r, pred, labels)
     model.train(was_training)
+    if world > 1:
+        cm = common.all_reduce_sum(torch.from_numpy(cm).to(device)).cpu().numpy()
     return metrics_from_confusion(cm, ds.class_names)
 
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
@@ -186,16 +185,21 @@ def train_flops(model, bands, weight, gamma, args, device):
 
 
 def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
-    """Evaluate (every rank, so all agree without a broadcast) and log metrics and the first map."""
+    """Evaluate, sharded over the ranks with rank 0's BatchNorm statistics, the confusion matrices summed:
+    every rank gets the same metrics, so all take the same best-checkpoint decision (a collective save);
+    log metrics and the first map."""
+    common.broadcast_buffers(model)
     pictures = []
 
     def keep_first(r, pred, labels):
         if r == 0:
             pictures.append(np.concatenate([colorize(labels), colorize(pred)], axis=1))
     window = None if fully_convolutional(model.backbone.config) else args.img_size  # whole scene: no tile borders
-    m = evaluate(model, eval_ds, window, args.img_size // 4, args.eval_batch_size, device, dtype, mask, keep_first)
+    m = evaluate(model, eval_ds, window, args.img_size // 4, args.eval_batch_size, device, dtype, mask, keep_first,
+                 shard=True)
     logger.scalars(step, {f"eval/{k}": m[k] for k in ("oa", "aa", "miou", "miou_present", "kappa")})
-    logger.image("eval/labels_vs_prediction", torch.from_numpy(pictures[0]).permute(2, 0, 1).float() / 255, step)
+    if pictures:  # rank 0 predicts raster 0
+        logger.image("eval/labels_vs_prediction", torch.from_numpy(pictures[0]).permute(2, 0, 1).float() / 255, step)
     return m
 
 
@@ -228,7 +232,7 @@ def train(args, rank, world, device):
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
     backbone_config = model.backbone.config
     start = common.resume(ckpt_path, rank, backbone_config, **state) if args.resume else 0
-    ddp = DistributedDataParallel(model) if world > 1 else model
+    ddp = common.wrap_ddp(model, world)
     ddp = torch.compile(ddp) if args.compile else ddp
     tiles = data.RandomTiles([train_ds], args.img_size, args.seed, data.Augment(flips=args.flips), min_labelled=1)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
@@ -238,30 +242,31 @@ def train(args, rank, world, device):
     common.print0(f"{flops / 1e9:.2f} GFLOP per image (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
     logger = common.Logger(args.out, args, start, flops, peak)
     meters, best_path = common.Meters(), os.path.join(args.out, "best.pt")
+    checkpoints, metrics = common.Checkpoints(args, args.steps, device), None
     best = common.load_checkpoint(best_path)["val"]["miou"] if args.resume and os.path.isfile(best_path) else -1.0
     extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "blocks": model.blocks,
                               "pca": None if pca is None else pca.tolist(), "classes": classes,
                               "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone}}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
-        x, y, _ = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B, H, W)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        common.set_lr(optimizer, lr_schedule[step])
-        with common.autocast(device, dtype):
-            logits = ddp(x)
-        loss = segmentation_loss(logits, y, weight, gamma, args.aux_weight)
-        scaler.scale(loss).backward()
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        meters.add(loss=loss)
+        with common.no_host_sync(args.sync_debug, device):
+            x, y, _ = next(batches)  # (B, C, H, W), (B, H, W) on the device
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            common.set_lr(optimizer, lr_schedule[step])
+            with common.autocast(device, dtype):
+                logits = ddp(x)
+            loss = segmentation_loss(logits, y, weight, gamma, args.aux_weight)
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            meters.add(loss=loss)
         done = step + 1
-        save = done % args.ckpt_every == 0 or done == args.steps
+        save, stop = checkpoints.due(done)
         if save or done % args.log_every == 0:
             stats = {**meters.flush(done, ckpt_path), "lr": float(lr_schedule[step])}
             stats = logger.scalars(done, stats, images=args.batch_size * world)
@@ -276,7 +281,10 @@ def train(args, rank, world, device):
                                        ("model", "backbone."), {**extra, "val": metrics}, **state)
         if save:
             common.save_checkpoint(ckpt_path, done, args, backbone_config, ("model", "backbone."), extra, **state)
-    if common.is_main() and args.steps > start:  # the final evaluation, for scripts that collect results
+        if stop:
+            checkpoints.report(done, ckpt_path)
+            break
+    if common.is_main() and metrics is not None and not common.STOP["stopped"]:  # the final evaluation, for scripts
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump({**metrics, "step": args.steps}, f, indent=1)
     logger.close()

@@ -16,7 +16,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
@@ -87,7 +86,7 @@ def region_features(model, regions, domains, p):
     """regions [(1, C_d, p + 2*MARGIN, ...)], one per domain -> features (D*p*p, width) of the central
     p x p pixels (each seen with its full 5x5 context) and their region ids (D*p*p,)."""
     f = model(regions, domains)[:, :, MARGIN:MARGIN + p, MARGIN:MARGIN + p]  # (D, width, p, p)
-    region = torch.arange(len(regions), device=f.device).repeat_interleave(p * p)
+    region = torch.arange(len(regions) * p * p, device=f.device) // (p * p)
     return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]), region
 
 
@@ -111,12 +110,14 @@ def multi_positive_infonce(z, region, temperature):
 
 @torch.no_grad()
 def similarities(z, region):
-    """Mean cosine similarity of positive and of negative pairs: both near 1 means collapse."""
+    """Mean cosine similarity of positive and of negative pairs: both near 1 means collapse. Masked sums,
+    not boolean indexing, which would wait for the device to know the result's size."""
     z = F.normalize(z.float(), dim=1)
     cos = z @ z.T
     same = region[:, None] == region[None, :]
-    pos = same & ~torch.eye(len(z), dtype=torch.bool, device=z.device)
-    return cos[pos].mean(), cos[~same].mean()
+    pos = (same & ~torch.eye(len(z), dtype=torch.bool, device=z.device)).float()
+    neg = (~same).float()
+    return (cos * pos).sum() / pos.sum(), (cos * neg).sum() / neg.sum()
 
 
 def main(argv=None):
@@ -141,39 +142,45 @@ def train(args, rank, world, device):
     lr_schedule = common.step_schedule(args.lr, args.steps, args.lr_milestones, 0.1)
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
     start = common.resume(ckpt_path, rank, model.config, **state) if args.resume else 0
-    ddp = DistributedDataParallel(model) if world > 1 else model
+    ddp = common.wrap_ddp(model, world)
+    ddp = torch.compile(ddp) if args.compile else ddp
     regions = SceneRegions(datasets, p + 2 * MARGIN, args.seed, args.flips)
     batches = iter(data.step_loader(regions, 1, start, rank, world, args.workers, device))
     names = list(domains)
     logger = common.Logger(args.out, args, start)
-    meters = common.Meters()
+    meters, checkpoints = common.Meters(), common.Checkpoints(args, args.steps, device)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
-        xs = [x.to(device, non_blocking=True) for x in next(batches)]  # per domain (1, C_d, p+4, p+4)
-        common.set_lr(optimizer, lr_schedule[step])
-        with common.autocast(device, dtype):
-            z, region = region_features(ddp, xs, names, p)
-        # Each rank's loss holds one region per scene; DDP averages the ranks' gradients.
-        loss = multi_positive_infonce(z, region, args.temperature)
-        scaler.scale(loss).backward()
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        pos_sim, neg_sim = similarities(z.detach(), region)
-        meters.add(loss=loss, pos_sim=pos_sim, neg_sim=neg_sim)
+        with common.no_host_sync(args.sync_debug, device):
+            xs = next(batches)  # per domain (1, C_d, p+4, p+4), on the device
+            common.set_lr(optimizer, lr_schedule[step])
+            with common.autocast(device, dtype):
+                z, region = region_features(ddp, xs, names, p)
+            # Each rank's loss holds one region per scene; DDP averages the ranks' gradients.
+            loss = multi_positive_infonce(z, region, args.temperature)
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            pos_sim, neg_sim = similarities(z.detach(), region)
+            meters.add(loss=loss, pos_sim=pos_sim, neg_sim=neg_sim)
         done = step + 1
-        save = done % args.ckpt_every == 0 or done == args.steps
+        save, stop = checkpoints.due(done)
         if save or done % args.log_every == 0:  # the only host syncs: every log interval
             stats = {**meters.flush(done, ckpt_path), "lr": float(lr_schedule[step])}
             logger.scalars(done, stats, images=len(xs) * world)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", pos=f"{stats['pos_sim']:.2f}", neg=f"{stats['neg_sim']:.2f}")
         if save:
             common.save_checkpoint(ckpt_path, done, args, model.config, ("model", ""), **state)
+        if stop:
+            checkpoints.report(done, ckpt_path)
+            break
     logger.close()
-    common.print0(f"done: {args.steps} steps, checkpoint {ckpt_path}")
+    if not common.STOP["stopped"]:
+        common.print0(f"done: {args.steps} steps, checkpoint {ckpt_path}")
 
 
 if __name__ == "__main__":

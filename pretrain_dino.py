@@ -8,6 +8,7 @@ hyperspectral ViT, with HSI multi-crop.
 """
 import argparse
 import copy
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -15,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="cosine start/end")
     p.add_argument("--clip-grad", type=float, default=3.0)
+    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=None, help="multi-crop "
+                   "batched on the device, the loader workers only cut raw windows (default: on with CUDA, off on "
+                   "CPU); a GPU needs ~10x more tiles/s than CPU workers multi-crop")
     common.add_recipe_args(p)
     common.add_run_args(p, out="runs/dino")
     args = p.parse_args(argv)
@@ -86,12 +89,13 @@ def parse_args(argv=None):
 def sinkhorn_knopp(logits, temp, iterations=3):
     """Teacher targets (n, K) whose rows sum to 1 and whose columns sum to n/K over all ranks: equal
     use of every prototype across the global batch (DINOv2/SwAV)."""
-    shift = logits.float().max()
+    logits = logits.float()  # a rank may have no rows (no masked token): it still joins every all-reduce
+    shift = logits.max() if logits.numel() else logits.new_full((), float("-inf"))
     if dist.is_initialized():
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)  # one shift for all ranks, so it cancels out
-    q = torch.exp((logits.float() - shift) / temp).t()  # (K, n)
+    q = torch.exp((logits - shift) / temp).t()  # (K, n)
     K = q.shape[0]
-    n = common.all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    n = common.all_reduce_sum(torch.full((), float(q.shape[1]), device=q.device))
     q /= common.all_reduce_sum(q.sum())
     for _ in range(iterations):
         q /= common.all_reduce_sum(q.sum(dim=1, keepdim=True))
@@ -112,9 +116,10 @@ class Centering(nn.Module):
     @torch.no_grad()
     def forward(self, logits, temp):
         probs = F.softmax((logits.float() - self.center) / temp, dim=-1)
-        n = common.all_reduce_sum(torch.tensor(float(logits.shape[0]), device=logits.device))
-        mean = common.all_reduce_sum(logits.float().sum(0, keepdim=True)) / n
-        self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+        n = common.all_reduce_sum(torch.full((), float(logits.shape[0]), device=logits.device))
+        mean = common.all_reduce_sum(logits.float().sum(0, keepdim=True)) / n.clamp(min=1)
+        keep = torch.where(n > 0, self.momentum, 1.0)  # no rows on any rank: the centre stays
+        self.center.mul_(keep).add_(mean * (1 - keep))
         return probs
 
 
@@ -141,7 +146,7 @@ def koleo(features, eps=1e-8):
         everyone, offset = gather_with_grad(x)
         with torch.no_grad():
             sim = x @ everyone.t()
-            sim[torch.arange(len(x)), offset + torch.arange(len(x), device=x.device)] = -2  # not itself
+            sim.narrow(1, offset, len(x)).diagonal().fill_(-2)  # not itself
             nearest = sim.argmax(dim=1)
         return -torch.log((x - everyone[nearest]).norm(dim=-1) + eps).mean()
 
@@ -290,40 +295,48 @@ def ema_update(teacher, student, momentum):
 
 
 class TokenMask(NamedTuple):
-    """One stream's iBOT mask, prepared on the CPU so the step never waits for the GPU (boolean indexing
-    and .any() on device tensors would): the (n, N) mask, the flat indices of its masked tokens (M,) and
-    their loss weights (M,), 1 / (masked tokens of that image)."""
+    """One stream's iBOT mask on the device: the (n, N) mask, the flat indices of its masked tokens (M,)
+    and their loss weights (M,), 1 / (masked tokens of that image). M may be 0."""
     bool: torch.Tensor
     index: torch.Tensor
     weight: torch.Tensor
 
 
-def token_masks(masks, device):
-    """CPU boolean masks per stream -> a TokenMask on `device` per stream, None where nothing is masked."""
-    out = []
-    for m in masks:
-        if not m.any():
-            out.append(None)
-            continue
-        weight = (1 / m.sum(1).clamp(min=1).float())[:, None].expand_as(m)[m]
-        out.append(TokenMask(m.to(device, non_blocking=True), m.flatten().nonzero().squeeze(1).to(device),
-                             weight.to(device)))
-    return out
+MASK_BLOCKS = 10  # rectangles tried per block mask (BEiT: 10 attempts per block)
 
 
-def batch_masks(args, step, rank, batch, backbone):
-    """This rank's slice of the global batch's masks, per stream (2 crops * batch, N) crop-major: block
-    masks over the spatial patches and, for the spatial-spectral ViT, random band-group masks over the
-    spectral tokens. Drawn from (seed, step) alone so one process and several see the same masks for
-    the same global batch."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    n, ratio, prob = 2 * batch * world, tuple(args.mask_ratio), args.mask_probability
+def mask_counts(args, step, world, batch, backbone):
+    """Per stream, how many tokens each crop of the step's global batch masks, (2, world * batch) crop-major:
+    drawn on the host from (seed, step) alone, so one process and several mask the same crops, and the
+    number of masked tokens is known without asking the device."""
+    n, ratio, prob = world * batch, tuple(args.mask_ratio), args.mask_probability
     rng = np.random.default_rng((args.seed, 7, step))
-    masks = [np.concatenate([data.ibot_masks(n // 2, *backbone.grid, rng, ratio, prob) for _ in range(2)])]
+    counts = [np.stack([data.ibot_mask_counts(n, math.prod(backbone.grid), rng, ratio, prob) for _ in range(2)])]
     if "spectral" in backbone.streams:
         rng = np.random.default_rng((args.seed, 8, step))
-        masks.append(data.spectral_masks(n, backbone.spectral.num_groups, rng, ratio, prob))
-    return [torch.from_numpy(m.reshape(2, world, batch, -1)[:, rank].reshape(2 * batch, -1)) for m in masks]
+        counts.append(data.spectral_mask_counts(2 * n, backbone.spectral.num_groups, rng, ratio, prob).reshape(2, n))
+    return counts
+
+
+def token_masks(args, step, rank, world, batch, backbone, device):
+    """This rank's iBOT masks for its 2 * batch global crops (crop-major), a TokenMask per stream: block
+    masks over the patches (and random band groups for the spectral stream) built on the device from
+    StepRandom rows of the global batch, with the counts of mask_counts. Always a TokenMask, even with no
+    masked token on this rank, so that every rank runs the same iBOT path: the same collectives, the
+    same loss terms, a (zero) gradient for the mask token and iBOT head."""
+    rnd = data.StepRandom(args.seed, step, rank, world, batch, device, stream=7)
+    out = []
+    for s, counts in enumerate(mask_counts(args, step, world, batch, backbone)):
+        mine = torch.from_numpy(counts[:, rank * batch:(rank + 1) * batch].reshape(-1))
+        c = (mine.pin_memory() if device.type == "cuda" else mine).to(device, non_blocking=True)
+        if s == 0:
+            h, w = backbone.grid
+            m = data.block_masks(c, h, w, rnd.views(2, MASK_BLOCKS, 4), rnd.views(2, h * w))
+        else:
+            m = data.random_subsets(c, rnd.views(2, backbone.spectral.num_groups))
+        index = (~m).flatten().int().argsort(stable=True)[:int(mine.sum())]  # the masked tokens, in order
+        out.append(TokenMask(m, index, (1 / c.clamp(min=1).float())[index // m.shape[1]]))
+    return out
 
 
 def main(argv=None):
@@ -355,42 +368,44 @@ def train(args, rank, world, device):
                   f"final teacher keeps {initial_teacher_share(sched['momentum']):.1%} of its random initialisation")
     state = dict(student=student, teacher=teacher, criterion=criterion, optimizer=optimizer, scaler=scaler)
     start = common.resume(ckpt_path, rank, student.backbone.config, **state) if args.resume else 0
-    # A separate iBOT head sits idle in steps without masked images.
-    ddp = DistributedDataParallel(student, find_unused_parameters=args.separate_ibot_head) if world > 1 else student
+    # The mask token and iBOT head get a gradient every step (zero without masked tokens): DDP needs no
+    # unused-parameter search, unless the iBOT loss is off.
+    ddp = common.wrap_ddp(student, world, find_unused_parameters=args.separate_ibot_head and not args.ibot_weight)
     ddp = torch.compile(ddp) if args.compile else ddp
+    teacher_fn = torch.compile(teacher_forward) if args.compile else teacher_forward
     crops = data.MultiCrop(args.img_size, args.local_size, args.local_crops)
-    tiles = data.RandomTiles(datasets, args.img_size, args.seed, crops)
-    batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
+    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda"
+    batches = data.augmented_batches(datasets, args.img_size, crops, args.seed, args.batch_size, start, rank, world,
+                                     args.workers, device, on_device)
     peak, source = common.peak_tflops(device, dtype)
     flops = flops_per_tile(args, student)
     common.print0(f"{flops / 1e9:.2f} GFLOP per tile (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
     logger = common.Logger(args.out, args, start, flops, peak)
-    meters = common.Meters()
+    meters, checkpoints = common.Meters(), common.Checkpoints(args, args.steps, device)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
-        (g, loc), _, _ = next(batches)  # (B, 2, C, G, G), (B, n, C, L, L)
-        g = g.transpose(0, 1).flatten(0, 1).to(device, non_blocking=True)  # crop-major (2B, C, G, G)
-        loc = loc.transpose(0, 1).flatten(0, 1).to(device, non_blocking=True)
-        masks = token_masks(batch_masks(args, step, rank, args.batch_size, student.backbone), device)
-        common.set_lr(optimizer, sched["lr"][step])
-        optimizer.param_groups[0]["weight_decay"] = sched["wd"][step]  # the decayed group
-        temp = float(sched["teacher_temp"][step])
-        with common.autocast(device, dtype):
-            teacher_out = teacher_forward(teacher, g, masks)
-            loss, terms = criterion(ddp(g, loc, masks), teacher_out, masks, temp)
-        scaler.scale(loss).backward()
-        if step < args.freeze_prototypes_steps:
-            for head in [*student.dino_heads, *(student.ibot_heads or [])]:
-                head.prototypes.grad = None
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(teacher, student, float(sched["momentum"][step]))
-        meters.add(loss=loss, **terms)
+        with common.no_host_sync(args.sync_debug, device):
+            g, loc = next(batches)  # crop-major (2B, C, G, G), (nB, C, L, L)
+            masks = token_masks(args, step, rank, world, args.batch_size, student.backbone, device)
+            common.set_lr(optimizer, sched["lr"][step])
+            optimizer.param_groups[0]["weight_decay"] = sched["wd"][step]  # the decayed group
+            temp = float(sched["teacher_temp"][step])
+            with common.autocast(device, dtype):
+                teacher_out = teacher_fn(teacher, g, masks)
+                loss, terms = criterion(ddp(g, loc, masks), teacher_out, masks, temp)
+            scaler.scale(loss).backward()
+            if step < args.freeze_prototypes_steps:
+                for head in [*student.dino_heads, *(student.ibot_heads or [])]:
+                    head.prototypes.grad = None
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema_update(teacher, student, float(sched["momentum"][step]))
+            meters.add(loss=loss, **terms)
         done = step + 1
-        save = done % args.ckpt_every == 0 or done == args.steps
+        save, stop = checkpoints.due(done)
         if save or done % args.log_every == 0:
             stats = {**meters.flush(done, ckpt_path), **{k: float(v[step]) for k, v in sched.items()}}
             stats = logger.scalars(done, stats, images=args.batch_size * world)
@@ -398,8 +413,12 @@ def train(args, rank, world, device):
             bar.set_postfix(loss=f"{stats['loss']:.3f}", std=f"{std:.3f}", mfu=f"{stats.get('mfu', 0):.1%}")
         if save:
             common.save_checkpoint(ckpt_path, done, args, student.backbone.config, ("teacher", "backbone."), **state)
+        if stop:
+            checkpoints.report(done, ckpt_path)
+            break
     logger.close()
-    common.print0(f"done: {args.steps} steps, checkpoint {ckpt_path} (teacher backbone for fine-tuning)")
+    if not common.STOP["stopped"]:
+        common.print0(f"done: {args.steps} steps, checkpoint {ckpt_path} (teacher backbone for fine-tuning)")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def test_compressed_tifs_are_cached_uncompressed_ones_memory_mapped(tmp_path, ca
     for compress in (False, True):
         root = write_whu(tmp_path / f"w{compress}", splits=("tr",), tiles=1, compress=compress)
         ds = data.load_dataset(root, "tr", cache_dir)
-        assert isinstance(ds.rasters[0].image, np.memmap)
+        image = ds.rasters[0].image  # memory-mapped read-only (see test_rasters_hold_no_file_descriptors)
+        assert not image.flags.owndata and not image.flags.writeable
         cache = data.RasterCache(root, cache_dir)
         entry = cache.manifest[os.path.abspath(ds.rasters[0].path)]
         assert (entry["npy"] is not None) == compress
@@ -255,3 +256,17 @@ def test_sparse_split_reproducible_disjoint_and_saved(scene, cache_dir, tmp_path
     assert (l_tr == tr).all() and (l_te == te).all() and info == {"seed": 0, "per_class": 5}
     with pytest.raises(DataError, match="split.npz"):
         data.load_split(path, (3, 3))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc (Linux)")
+def test_rasters_hold_no_file_descriptors(tmp_path, cache_dir):
+    """WHU-OHS has ~10k rasters (image + label per tile); a file descriptor per memory map would pass the
+    usual limit of 1024 open files."""
+    root = write_whu(tmp_path / "w", splits=("tr",), tiles=40, size=16)
+    before = len(os.listdir("/proc/self/fd"))
+    ds = data.load_dataset(root, "tr", cache_dir)
+    assert len(os.listdir("/proc/self/fd")) - before < 5
+    raw = tifffile.imread(os.path.join(root, "tr", "image", "S1_0007.tif"))
+    np.testing.assert_array_equal(ds.rasters[7].image, raw)
+    with pytest.raises(ValueError, match="read-only"):
+        ds.rasters[7].image[0, 0, 0] = 1

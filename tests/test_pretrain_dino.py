@@ -54,15 +54,50 @@ def test_koleo_prefers_spread_features():
     assert pretrain_dino.koleo(spread) < pretrain_dino.koleo(clustered)
 
 
-def test_ibot_masks_ratio_and_share():
+def reference_block_mask(h, w, num_masked, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
+    """The plain one-mask-at-a-time BEiT block mask the batched data.block_masks replaced: random
+    rectangles first, then single patches to the exact count."""
+    mask = np.zeros((h, w), bool)
+    for _ in range(100):
+        left = num_masked - int(mask.sum())
+        if left < min_block:
+            break
+        area = rng.uniform(min_block, left)
+        ar = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
+        bh, bw = int(round(np.sqrt(area * ar))), int(round(np.sqrt(area / ar)))
+        if 0 < bh <= h and 0 < bw <= w:
+            top, lft = int(rng.integers(h - bh + 1)), int(rng.integers(w - bw + 1))
+            new = bh * bw - int(mask[top:top + bh, lft:lft + bw].sum())
+            if 0 < new <= left:
+                mask[top:top + bh, lft:lft + bw] = True
+    left = num_masked - int(mask.sum())
+    if left > 0:
+        mask.ravel()[rng.choice(np.flatnonzero(~mask.ravel()), left, replace=False)] = True
+    return mask
+
+
+def neighbour_share(masks):
+    """Share of masked patches with a masked 4-neighbour: ~1 for blocks, ~ratio for scattered patches."""
+    m = np.pad(np.asarray(masks, bool), ((0, 0), (1, 1), (1, 1)))
+    core = m[:, 1:-1, 1:-1]
+    near = m[:, :-2, 1:-1] | m[:, 2:, 1:-1] | m[:, 1:-1, :-2] | m[:, 1:-1, 2:]
+    return (core & near).sum() / core.sum()
+
+
+def test_ibot_masks_ratio_share_and_blocks():
     rng = np.random.default_rng(0)
     for _ in range(20):
-        m = data.ibot_masks(8, 8, 8, rng, (0.1, 0.5), 0.5)
-        ratios = m.mean(1)
-        assert (ratios == 0).sum() == 4
-        assert ((ratios[ratios > 0] >= 0.1 - 1 / 64) & (ratios[ratios > 0] <= 0.5 + 1 / 64)).all()
-    block = data.block_mask(8, 8, 20, rng)
-    assert block.sum() == 20
+        counts = data.ibot_mask_counts(8, 64, rng, (0.1, 0.5), 0.5)
+        assert (counts == 0).sum() == 4
+        assert ((counts[counts > 0] >= 0.1 * 64 - 1) & (counts[counts > 0] <= 0.5 * 64 + 1)).all()
+    # The batched device version masks exactly the counts, in blocks like the reference.
+    counts = torch.from_numpy(rng.integers(6, 33, 400))
+    masks = data.block_masks(counts, 8, 8, torch.rand(400, 10, 4), torch.rand(400, 64))
+    assert torch.equal(masks.sum(1), counts)
+    reference = np.stack([reference_block_mask(8, 8, int(c), rng) for c in counts])
+    assert neighbour_share(masks.view(-1, 8, 8).numpy()) == pytest.approx(neighbour_share(reference), abs=0.03)
+    scattered = data.random_subsets(counts, torch.rand(400, 64)).view(-1, 8, 8).numpy()
+    assert neighbour_share(scattered) < neighbour_share(reference) - 0.1
 
 
 def test_dino_head_prototypes_are_unit_norm():
@@ -88,8 +123,10 @@ def test_teacher_gets_no_gradients_and_follows_ema(scene, cache_dir, tmp_path):
         assert key in rows[2], key
 
 
-def test_resume_after_interruption_matches(scene, cache_dir, tmp_path, monkeypatch):
-    pretrain_dino.main(dino_args(scene, tmp_path / "full", cache_dir))
+@pytest.mark.parametrize("pipeline", ["--no-device-augment", "--device-augment"])
+def test_resume_after_interruption_matches(scene, cache_dir, tmp_path, monkeypatch, pipeline):
+    """Bit for bit, with the multi-crop in the loader or batched on the device (here the CPU)."""
+    pretrain_dino.main(dino_args(scene, tmp_path / "full", cache_dir, 4, 4, pipeline))
     real, calls = pretrain_dino.Student.forward, [0]
 
     def forward(self, *a, **k):
@@ -100,8 +137,8 @@ def test_resume_after_interruption_matches(scene, cache_dir, tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(pretrain_dino.Student, "forward", forward)
         with pytest.raises(KeyboardInterrupt):
-            pretrain_dino.main(dino_args(scene, tmp_path / "cut", cache_dir))
-    pretrain_dino.main(dino_args(scene, tmp_path / "cut", cache_dir, 4, 4, "--resume"))
+            pretrain_dino.main(dino_args(scene, tmp_path / "cut", cache_dir, 4, 4, pipeline))
+    pretrain_dino.main(dino_args(scene, tmp_path / "cut", cache_dir, 4, 4, pipeline, "--resume"))
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert [full[s]["loss"] for s in range(1, 5)] == [cut[s]["loss"] for s in range(1, 5)]
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
@@ -109,8 +146,12 @@ def test_resume_after_interruption_matches(scene, cache_dir, tmp_path, monkeypat
     assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])
 
 
-def test_one_and_two_processes_give_the_same_first_loss(scene, cache_dir, tmp_path):
-    common = ["--drop-path", "0", "--steps", "1", "--ckpt-every", "1"]
+@pytest.mark.parametrize("pipeline", ["--no-device-augment", "--device-augment"])
+def test_one_and_two_processes_give_the_same_first_loss(scene, cache_dir, tmp_path, pipeline):
+    """The global batch of 8 tiles in one process, or split 4 + 4 over two: the same first-step loss
+    terms. With --device-augment each tile's views and masks are drawn from (seed, step, its place in the
+    global batch), so both runs see the same views (the multi-crop runs batched on the CPU device)."""
+    common = ["--drop-path", "0", "--steps", "1", "--ckpt-every", "1", pipeline]
     pretrain_dino.main(dino_args(scene, tmp_path / "one", cache_dir, 1, 8, *common))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "pretrain_dino.py"), *dino_args(scene, tmp_path / "two", cache_dir, 1, 4, *common)]

@@ -41,8 +41,11 @@ def fail_at_call(monkeypatch, n, make_result):
     monkeypatch.setattr(MAE, "forward", forward)
 
 
-def test_resume_continues_exactly(scene, cache_dir, tmp_path, monkeypatch):
-    pretrain_mae.main(args_for(scene, tmp_path / "a", cache_dir))
+@pytest.mark.parametrize("pipeline", ["--no-device-augment", "--device-augment"])
+def test_resume_continues_exactly(scene, cache_dir, tmp_path, monkeypatch, pipeline):
+    """Bit for bit, with the augmentations in the loader or batched on the device (here the CPU)."""
+    pretrain_mae.main(args_for(scene, tmp_path / "a", cache_dir, 6, pipeline, "--brightness", "0.1",
+                               "--band-gain", "0.02"))
     full = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
 
     def interrupt(result):
@@ -50,9 +53,11 @@ def test_resume_continues_exactly(scene, cache_dir, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         fail_at_call(m, 5, interrupt)  # dies during step 5, after the step-3 checkpoint
         with pytest.raises(Interrupt):
-            pretrain_mae.main(args_for(scene, tmp_path / "b", cache_dir))
+            pretrain_mae.main(args_for(scene, tmp_path / "b", cache_dir, 6, pipeline, "--brightness", "0.1",
+                                       "--band-gain", "0.02"))
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
-    pretrain_mae.main(args_for(scene, tmp_path / "b", cache_dir, 6, "--resume"))
+    pretrain_mae.main(args_for(scene, tmp_path / "b", cache_dir, 6, pipeline, "--brightness", "0.1", "--band-gain",
+                               "0.02", "--resume"))
     resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
     for k, v in full["model"].items():
