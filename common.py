@@ -347,6 +347,17 @@ def sgd(groups, lr, momentum=0.9):
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
+def optimizer_step(loss, optimizer, scaler, params, clip_grad=0.0):
+    """Backward (scaled for fp16), optional gradient-norm clipping of `params`, step, zero the grads."""
+    scaler.scale(loss).backward()
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

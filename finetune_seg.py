@@ -257,13 +257,7 @@ def train(args, rank, world, device):
             with common.autocast(device, dtype):
                 logits = ddp(x)
             loss = segmentation_loss(logits, y, weight, gamma, args.aux_weight)
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
             meters.add(loss=loss)
         done = step + 1
         save, stop = checkpoints.due(done)

@@ -158,13 +158,7 @@ def train(args, rank, world, device):
                 z, region = region_features(ddp, xs, names, p)
             # Each rank's loss holds one region per scene; DDP averages the ranks' gradients.
             loss = multi_positive_infonce(z, region, args.temperature)
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
             pos_sim, neg_sim = similarities(z.detach(), region)
             meters.add(loss=loss, pos_sim=pos_sim, neg_sim=neg_sim)
         done = step + 1

@@ -141,13 +141,7 @@ def train(args, rank, world, device):
             common.set_lr(optimizer, lr_schedule[step])
             with common.autocast(device, dtype):
                 loss, *outputs = ddp(x)
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
             meters.add(loss=loss)
         done = step + 1
         save, stop = checkpoints.due(done)
