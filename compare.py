@@ -33,6 +33,7 @@ import numpy as np
 import common
 
 METRICS = ("oa", "aa", "miou", "kappa")
+REGION_METRICS = ("boundary_oa", "boundary_miou")  # eval.py's boundary metric, where the cell's script gives it
 MODES = {  # mode -> (script, flags it adds)
     "knn": ("eval.py", ["--probe", "knn"]),
     "frozen-linear": ("eval.py", ["--probe", "linear"]),
@@ -149,7 +150,8 @@ def run_cell(cell, args):
                              f"{os.path.join(where, 'log.txt')}")
     with open(os.path.join(where, "metrics.json" if script == "eval.py" else "eval.json")) as f:
         m = json.load(f)
-    result = {**{k: 100 * m[k] for k in METRICS}, "seconds": round(time.time() - start, 1),
+    regions = {f"boundary_{k}": 100 * m["boundary"][k] for k in ("oa", "miou")} if "boundary" in m else {}
+    result = {**{k: 100 * m[k] for k in METRICS}, **regions, "seconds": round(time.time() - start, 1),
               "command": " ".join(["python", script] + [shlex.quote(a) for a in argv])}
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
@@ -184,6 +186,7 @@ def summarise(args, configs, pairs, results):
             "name": name, "init": flags[flags.index("--init") + 1] if "--init" in flags else None,
             "twin": "--twin" in flags, "labels": label, "mode": mode, "reference": reference,
             "split_seeds": seeds, **{k: [by_seed[s][k] for s in seeds] for k in METRICS},
+            **{k: [by_seed[s][k] for s in seeds] for k in REGION_METRICS if seeds and all(k in by_seed[s] for s in seeds)},
             "seconds": [by_seed[s]["seconds"] for s in seeds],
             "command": by_seed[seeds[0]]["command"] if seeds else None,
         })
@@ -193,17 +196,25 @@ def summarise(args, configs, pairs, results):
 def table(rows):
     """Markdown: mean ± sample std per metric, then OA and mIoU paired with the reference row."""
     index = {(r["name"], r["mode"], r["labels"]): r for r in rows}
-    lines = ["| row | mode | labels | seeds | OA | AA | mIoU | kappa x100 | reference | ΔOA paired | ΔmIoU paired | wins (OA) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    regions = any("boundary_oa" in r for r in rows)
+    lines = ["| row | mode | labels | seeds | OA | AA | mIoU | kappa x100 | reference | ΔOA paired | ΔmIoU paired | wins (OA) |"
+             + (" boundary OA | Δboundary OA paired |" if regions else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if regions else "")]
     fmt = lambda m, s: "-" if math.isnan(m) else f"{m:.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:.2f}"  # noqa: E731
     for r in rows:
         cols = [fmt(*mean_std(r[k])) for k in METRICS]
         ref = index.get((r["reference"], r["mode"], r["labels"]))
         diff = ["-", "-", "-"]
         if ref is not None:
-            oa = paired(dict(zip(r["split_seeds"], r["oa"])), dict(zip(ref["split_seeds"], ref["oa"])))
-            miou = paired(dict(zip(r["split_seeds"], r["miou"])), dict(zip(ref["split_seeds"], ref["miou"])))
+            oa, miou = (paired(dict(zip(r["split_seeds"], r[k])), dict(zip(ref["split_seeds"], ref[k])))
+                        for k in ("oa", "miou"))
             diff = [f"{oa[0]:+.2f} ± {oa[1]:.2f}", f"{miou[0]:+.2f} ± {miou[1]:.2f}", f"{oa[2]}/{oa[3]}"]
+        if regions:
+            diff.append(fmt(*mean_std(r["boundary_oa"])) if "boundary_oa" in r else "-")
+            both = ref is not None and "boundary_oa" in r and "boundary_oa" in ref
+            edge = both and paired(dict(zip(r["split_seeds"], r["boundary_oa"])),
+                                   dict(zip(ref["split_seeds"], ref["boundary_oa"])))
+            diff.append(f"{edge[0]:+.2f} ± {edge[1]:.2f}" if both else "-")
         lines.append(f"| {r['name']} | {r['mode']} | {r['labels']} | {len(r['split_seeds'])} | " + " | ".join(cols)
                      + f" | {r['reference'] or '-'} | " + " | ".join(diff) + " |")
     return "\n".join(lines)
