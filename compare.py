@@ -12,8 +12,10 @@ frozen-decoder/finetune, eval.py for knn/frozen-linear), so keep them to the bac
 (--init, --twin, --backbone, --size, ...) and put trainer-only flags in --finetune-args. `--twins` adds
 `<name>-twin` (the checkpoint's backbone with random weights, trained identically) for every config with
 --init and pairs the two. Cell k of seed s runs with `--split-seed s --seed s`. A cell is finished when
-its result.json exists; an interrupted study re-run with the same arguments runs only the missing cells.
-Writes results/<study>.json (every row: per-seed metrics, its reference, the command) and
+its result.json exists, or when its folder does not exist and results/<study>.json already holds it with
+the same flags (a table built across sessions or machines: commit the results file, not runs/); an
+interrupted study re-run with the same arguments runs only the missing cells. Writes, after every
+finished cell, results/<study>.json (every row: per-seed metrics, its reference, the command) and
 results/<study>.md (the table).
 """
 import argparse
@@ -25,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -123,13 +126,41 @@ def cells(args, configs):
     return out
 
 
-def run_cell(cell, args):
-    """Run one cell unless finished; returns its result. An unfinished cell's folder is cleared first."""
+def command_line(script, argv):
+    return " ".join(["python", script] + [shlex.quote(a) for a in argv])
+
+
+def recorded_cells(path, todo):
+    """{(name, mode, label, seed): result} of the cells an earlier results/<study>.json holds, e.g. one
+    committed by another session or machine whose runs/ folder is not here. A row counts only if it was
+    made with the same flags: its command must be the one this invocation gives its first seed."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    commands = {(c[0], c[1], c[2], c[3]): command_line(c[5], c[6]) for c in todo}
+    found = {}
+    for r in rows:
+        seeds = r["split_seeds"]
+        if not seeds or commands.get((r["name"], r["mode"], r["labels"], seeds[0])) != r["command"]:
+            continue
+        for i, seed in enumerate(seeds):
+            found[(r["name"], r["mode"], r["labels"], seed)] = {
+                **{k: r[k][i] for k in METRICS + REGION_METRICS if k in r}, "seconds": r["seconds"][i],
+                "command": commands.get((r["name"], r["mode"], r["labels"], seed))}
+    return found
+
+
+def run_cell(cell, args, recorded=None):
+    """Run one cell unless finished; returns its result. Finished: its result.json exists, or its folder
+    does not and `recorded` (recorded_cells) holds it. An interrupted cell's folder is cleared first."""
     name, mode, label, seed, where, script, argv = cell
     result_path = os.path.join(where, "result.json")
     if os.path.isfile(result_path):
         with open(result_path) as f:
             return json.load(f)
+    if not os.path.isdir(where) and (name, mode, label, seed) in (recorded or {}):
+        return recorded[(name, mode, label, seed)]
     if os.path.isdir(where):
         shutil.rmtree(where)  # an interrupted cell: its run starts again (cells are minutes long)
     os.makedirs(where)
@@ -152,7 +183,7 @@ def run_cell(cell, args):
         m = json.load(f)
     regions = {f"boundary_{k}": 100 * m["boundary"][k] for k in ("oa", "miou")} if "boundary" in m else {}
     result = {**{k: 100 * m[k] for k in METRICS}, **regions, "seconds": round(time.time() - start, 1),
-              "command": " ".join(["python", script] + [shlex.quote(a) for a in argv])}
+              "command": command_line(script, argv)}
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(result_path + ".tmp", result_path)  # written last: its presence means the cell is finished
@@ -233,26 +264,38 @@ def main(argv=None):
             done = os.path.isfile(os.path.join(c[4], "result.json"))
             print(("done  " if done else "to do ") + " ".join(["python", c[5]] + [shlex.quote(a) for a in c[6]]))
         return None
+    base = os.path.join(args.results_dir, args.study)
+    recorded = recorded_cells(base + ".json", todo)
     results = {(c[0], c[1], c[2]): {} for c in todo}
+    lock = threading.Lock()
+
+    def run(c):
+        r = run_cell(c, args, recorded)
+        with lock:  # the results files follow every finished cell: a cut-off session keeps what it ran
+            results[(c[0], c[1], c[2])][c[3]] = r
+            summary = write_results(args, argv, base, summarise(args, configs, pairs, results))
+        return summary
     if args.jobs > 1 and not args.in_process:
         with ThreadPoolExecutor(args.jobs) as pool:
-            outs = list(pool.map(lambda c: run_cell(c, args), todo))
+            list(pool.map(run, todo))
     else:
-        outs = [run_cell(c, args) for c in todo]
-    for c, r in zip(todo, outs):
-        results[(c[0], c[1], c[2])][c[3]] = r
-    rows = summarise(args, configs, pairs, results)
+        for c in todo:
+            run(c)
+    summary = write_results(args, argv, base, summarise(args, configs, pairs, results))
+    print(f"`{summary['command']}`\n\n{table(summary['rows'])}\n-> {base}.json, {base}.md")
+    return summary
+
+
+def write_results(args, argv, base, rows):
+    """results/<study>.json and .md (written whole, then renamed into place)."""
     os.makedirs(args.results_dir, exist_ok=True)
     summary = {"study": args.study, "command": " ".join(["python", "compare.py"] + [shlex.quote(a) for a in
                                                                                       (argv or sys.argv[1:])]),
                "units": "percent (kappa x 100); per-seed lists follow split_seeds", "rows": rows}
-    base = os.path.join(args.results_dir, args.study)
-    with open(base + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
-    md = f"`{summary['command']}`\n\n{table(rows)}\n"
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md + f"-> {base}.json, {base}.md")
+    for ext, text in ((".json", json.dumps(summary, indent=1)), (".md", f"`{summary['command']}`\n\n{table(rows)}\n")):
+        with open(base + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(base + ext + ".tmp", base + ext)
     return summary
 
 
