@@ -32,6 +32,10 @@ def parse_args(argv=None):
                    "resnet50v1c runs only under 'seg' (with deeplabv3plus)")
     p.add_argument("--decoders", default="linear", help="seg: comma list of linear, conv, segmenter")
     p.add_argument("--frozen", action="store_true", help="seg: frozen backbone (linear probe) instead of fine-tuning")
+    p.add_argument("--full-res", action=argparse.BooleanOptionalAction, default=True, help="seg: the decoders' "
+                   "full-resolution path (finetune_seg.py's default)")
+    p.add_argument("--upsample", default="bilinear", help="seg: bilinear | guided (finetune_seg.py --upsample)")
+    p.add_argument("--patch-sizes", default="8", help="comma list of transformer patch sizes, e.g. 8,4,2 (64 px tiles)")
     p.add_argument("--size", default="tiny")
     p.add_argument("--bands", type=int, default=32, help="WHU-OHS: 32")
     p.add_argument("--batch-size", type=int, default=None, help="default: the study's (MAE 128, DINO ViT 128, "
@@ -58,7 +62,7 @@ STUDY_BATCH = {("mae", "vit"): 128, ("mae", "ssvit"): 64, ("mae", "sst"): 64, ("
 
 
 def mae_case(args, backbone, B, device):
-    targs = pretrain_mae.parse_args(["--backbone", backbone, "--size", args.size])
+    targs = pretrain_mae.parse_args(["--backbone", backbone, "--size", args.size, "--patch-size", str(args.patch)])
     ds = SimpleNamespace(bands=args.bands, wavelengths=wavelengths(args), band_info=None)
     model = pretrain_mae.build_model(targs, ds).to(device)
     x = torch.randn(B, args.bands, 64, 64, device=device)
@@ -66,7 +70,7 @@ def mae_case(args, backbone, B, device):
 
 
 def dino_case(args, backbone, B, device):
-    targs = pretrain_dino.parse_args(["--backbone", backbone, "--size", args.size, "--prototypes",
+    targs = pretrain_dino.parse_args(["--backbone", backbone, "--size", args.size, "--patch-size", str(args.patch), "--prototypes",
                                       "65536" if args.size == "base" else "1024", "--local-crops", "8"])
     student, teacher = (m.to(device) for m in pretrain_dino.build(targs, args.bands, wavelengths(args)))
     criterion = pretrain_dino.DINOLoss(targs, targs.prototypes, student.backbone.streams).to(device)
@@ -83,8 +87,10 @@ def dino_case(args, backbone, B, device):
 
 def seg_case(args, backbone, B, device, decoder="linear"):
     kw = {"wavelengths": wavelengths(args)} if backbone in ("ssvit", "sst") else {}
+    if backbone != "resnet50v1c":
+        kw["patch_size"] = args.patch
     model = SegmentationModel(build_backbone(backbone, args.size, args.bands, **kw), decoder, 24,
-                              frozen_backbone=args.frozen).to(device)
+                              frozen_backbone=args.frozen, full_res=args.full_res, upsample=args.upsample).to(device)
     x = torch.randn(B, args.bands, 64, 64, device=device)
     y = torch.randint(0, 24, (B, 64, 64), device=device)
     targs = finetune_seg.parse_args(["--img-size", "64"])
@@ -156,20 +162,24 @@ def bench_models(args):
     print(f"{device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | {dtype} | "
           f"compile {args.compile} | size {args.size} | {args.bands} bands, 64 px | {peaks}")
     extra = " / of bf16 matmul" if bf16 else ""
-    print(f"| trainer | backbone | batch | img/s | ms/step | GFLOP/img (arch) | GFLOP/img (counter) | TFLOP/s | MFU{extra} | peak mem GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| trainer | backbone | patch | batch | img/s | ms/step | GFLOP/img (arch) | GFLOP/img (counter) | TFLOP/s | MFU{extra} | peak mem GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for trainer in args.trainers.split(","):
         for backbone in args.backbones.split(","):
             if (trainer == "dino" and backbone == "sst") or (backbone == "resnet50v1c" and trainer != "seg"):
                 continue
             decoders = [None] if trainer != "seg" else ["deeplabv3plus"] if backbone == "resnet50v1c" else \
                 args.decoders.split(",")
+            patches = [8] if backbone == "resnet50v1c" else [int(p) for p in args.patch_sizes.split(",")]
             for decoder in decoders:
-                r = run(args, trainer, backbone, device, dtype, decoder)
-                mfu = mfu_text(r["tflops"], peak, bf16)
-                name = trainer if decoder is None else f"seg {decoder}{' frozen' if args.frozen else ''}"
-                print(f"| {name} | {backbone} | {r['batch']} | {r['img_s']:.1f} | {r['ms']:.0f} | {r['arch']:.2f} | "
-                      f"{r['counted']:.2f} | {r['tflops']:.3f} | {mfu} | {r['mem']:.2f} |", flush=True)
+                for args.patch in patches:
+                    r = run(args, trainer, backbone, device, dtype, decoder)
+                    mfu = mfu_text(r["tflops"], peak, bf16)
+                    name = trainer if decoder is None else f"seg {decoder}{' frozen' if args.frozen else ''}" + \
+                        ("" if args.full_res else " study head") + (" guided" if args.upsample == "guided" else "")
+                    print(f"| {name} | {backbone} | {'-' if backbone == 'resnet50v1c' else args.patch} | {r['batch']} | "
+                          f"{r['img_s']:.1f} | {r['ms']:.0f} | {r['arch']:.2f} | {r['counted']:.2f} | "
+                          f"{r['tflops']:.3f} | {mfu} | {r['mem']:.2f} |", flush=True)
 
 
 def bench_loader(args):

@@ -12,8 +12,10 @@ frozen-decoder/finetune, eval.py for knn/frozen-linear), so keep them to the bac
 (--init, --twin, --backbone, --size, ...) and put trainer-only flags in --finetune-args. `--twins` adds
 `<name>-twin` (the checkpoint's backbone with random weights, trained identically) for every config with
 --init and pairs the two. Cell k of seed s runs with `--split-seed s --seed s`. A cell is finished when
-its result.json exists; an interrupted study re-run with the same arguments runs only the missing cells.
-Writes results/<study>.json (every row: per-seed metrics, its reference, the command) and
+its result.json exists, or when its folder does not exist and results/<study>.json already holds it with
+the same flags (a table built across sessions or machines: commit the results file, not runs/); an
+interrupted study re-run with the same arguments runs only the missing cells. Writes, after every
+finished cell, results/<study>.json (every row: per-seed metrics, its reference, the command) and
 results/<study>.md (the table).
 """
 import argparse
@@ -25,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +36,7 @@ import numpy as np
 import common
 
 METRICS = ("oa", "aa", "miou", "kappa")
+REGION_METRICS = ("boundary_oa", "boundary_miou")  # eval.py's boundary metric, where the cell's script gives it
 MODES = {  # mode -> (script, flags it adds)
     "knn": ("eval.py", ["--probe", "knn"]),
     "frozen-linear": ("eval.py", ["--probe", "linear"]),
@@ -122,13 +126,41 @@ def cells(args, configs):
     return out
 
 
-def run_cell(cell, args):
-    """Run one cell unless finished; returns its result. An unfinished cell's folder is cleared first."""
+def command_line(script, argv):
+    return " ".join(["python", script] + [shlex.quote(a) for a in argv])
+
+
+def recorded_cells(path, todo):
+    """{(name, mode, label, seed): result} of the cells an earlier results/<study>.json holds, e.g. one
+    committed by another session or machine whose runs/ folder is not here. A row counts only if it was
+    made with the same flags: its command must be the one this invocation gives its first seed."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    commands = {(c[0], c[1], c[2], c[3]): command_line(c[5], c[6]) for c in todo}
+    found = {}
+    for r in rows:
+        seeds = r["split_seeds"]
+        if not seeds or commands.get((r["name"], r["mode"], r["labels"], seeds[0])) != r["command"]:
+            continue
+        for i, seed in enumerate(seeds):
+            found[(r["name"], r["mode"], r["labels"], seed)] = {
+                **{k: r[k][i] for k in METRICS + REGION_METRICS if k in r}, "seconds": r["seconds"][i],
+                "command": commands.get((r["name"], r["mode"], r["labels"], seed))}
+    return found
+
+
+def run_cell(cell, args, recorded=None):
+    """Run one cell unless finished; returns its result. Finished: its result.json exists, or its folder
+    does not and `recorded` (recorded_cells) holds it. An interrupted cell's folder is cleared first."""
     name, mode, label, seed, where, script, argv = cell
     result_path = os.path.join(where, "result.json")
     if os.path.isfile(result_path):
         with open(result_path) as f:
             return json.load(f)
+    if not os.path.isdir(where) and (name, mode, label, seed) in (recorded or {}):
+        return recorded[(name, mode, label, seed)]
     if os.path.isdir(where):
         shutil.rmtree(where)  # an interrupted cell: its run starts again (cells are minutes long)
     os.makedirs(where)
@@ -149,8 +181,9 @@ def run_cell(cell, args):
                              f"{os.path.join(where, 'log.txt')}")
     with open(os.path.join(where, "metrics.json" if script == "eval.py" else "eval.json")) as f:
         m = json.load(f)
-    result = {**{k: 100 * m[k] for k in METRICS}, "seconds": round(time.time() - start, 1),
-              "command": " ".join(["python", script] + [shlex.quote(a) for a in argv])}
+    regions = {f"boundary_{k}": 100 * m["boundary"][k] for k in ("oa", "miou")} if "boundary" in m else {}
+    result = {**{k: 100 * m[k] for k in METRICS}, **regions, "seconds": round(time.time() - start, 1),
+              "command": command_line(script, argv)}
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(result_path + ".tmp", result_path)  # written last: its presence means the cell is finished
@@ -184,6 +217,7 @@ def summarise(args, configs, pairs, results):
             "name": name, "init": flags[flags.index("--init") + 1] if "--init" in flags else None,
             "twin": "--twin" in flags, "labels": label, "mode": mode, "reference": reference,
             "split_seeds": seeds, **{k: [by_seed[s][k] for s in seeds] for k in METRICS},
+            **{k: [by_seed[s][k] for s in seeds] for k in REGION_METRICS if seeds and all(k in by_seed[s] for s in seeds)},
             "seconds": [by_seed[s]["seconds"] for s in seeds],
             "command": by_seed[seeds[0]]["command"] if seeds else None,
         })
@@ -193,17 +227,25 @@ def summarise(args, configs, pairs, results):
 def table(rows):
     """Markdown: mean ± sample std per metric, then OA and mIoU paired with the reference row."""
     index = {(r["name"], r["mode"], r["labels"]): r for r in rows}
-    lines = ["| row | mode | labels | seeds | OA | AA | mIoU | kappa x100 | reference | ΔOA paired | ΔmIoU paired | wins (OA) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    regions = any("boundary_oa" in r for r in rows)
+    lines = ["| row | mode | labels | seeds | OA | AA | mIoU | kappa x100 | reference | ΔOA paired | ΔmIoU paired | wins (OA) |"
+             + (" boundary OA | Δboundary OA paired |" if regions else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if regions else "")]
     fmt = lambda m, s: "-" if math.isnan(m) else f"{m:.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:.2f}"  # noqa: E731
     for r in rows:
         cols = [fmt(*mean_std(r[k])) for k in METRICS]
         ref = index.get((r["reference"], r["mode"], r["labels"]))
         diff = ["-", "-", "-"]
         if ref is not None:
-            oa = paired(dict(zip(r["split_seeds"], r["oa"])), dict(zip(ref["split_seeds"], ref["oa"])))
-            miou = paired(dict(zip(r["split_seeds"], r["miou"])), dict(zip(ref["split_seeds"], ref["miou"])))
+            oa, miou = (paired(dict(zip(r["split_seeds"], r[k])), dict(zip(ref["split_seeds"], ref[k])))
+                        for k in ("oa", "miou"))
             diff = [f"{oa[0]:+.2f} ± {oa[1]:.2f}", f"{miou[0]:+.2f} ± {miou[1]:.2f}", f"{oa[2]}/{oa[3]}"]
+        if regions:
+            diff.append(fmt(*mean_std(r["boundary_oa"])) if "boundary_oa" in r else "-")
+            both = ref is not None and "boundary_oa" in r and "boundary_oa" in ref
+            edge = both and paired(dict(zip(r["split_seeds"], r["boundary_oa"])),
+                                   dict(zip(ref["split_seeds"], ref["boundary_oa"])))
+            diff.append(f"{edge[0]:+.2f} ± {edge[1]:.2f}" if both else "-")
         lines.append(f"| {r['name']} | {r['mode']} | {r['labels']} | {len(r['split_seeds'])} | " + " | ".join(cols)
                      + f" | {r['reference'] or '-'} | " + " | ".join(diff) + " |")
     return "\n".join(lines)
@@ -222,26 +264,38 @@ def main(argv=None):
             done = os.path.isfile(os.path.join(c[4], "result.json"))
             print(("done  " if done else "to do ") + " ".join(["python", c[5]] + [shlex.quote(a) for a in c[6]]))
         return None
+    base = os.path.join(args.results_dir, args.study)
+    recorded = recorded_cells(base + ".json", todo)
     results = {(c[0], c[1], c[2]): {} for c in todo}
+    lock = threading.Lock()
+
+    def run(c):
+        r = run_cell(c, args, recorded)
+        with lock:  # the results files follow every finished cell: a cut-off session keeps what it ran
+            results[(c[0], c[1], c[2])][c[3]] = r
+            summary = write_results(args, argv, base, summarise(args, configs, pairs, results))
+        return summary
     if args.jobs > 1 and not args.in_process:
         with ThreadPoolExecutor(args.jobs) as pool:
-            outs = list(pool.map(lambda c: run_cell(c, args), todo))
+            list(pool.map(run, todo))
     else:
-        outs = [run_cell(c, args) for c in todo]
-    for c, r in zip(todo, outs):
-        results[(c[0], c[1], c[2])][c[3]] = r
-    rows = summarise(args, configs, pairs, results)
+        for c in todo:
+            run(c)
+    summary = write_results(args, argv, base, summarise(args, configs, pairs, results))
+    print(f"`{summary['command']}`\n\n{table(summary['rows'])}\n-> {base}.json, {base}.md")
+    return summary
+
+
+def write_results(args, argv, base, rows):
+    """results/<study>.json and .md (written whole, then renamed into place)."""
     os.makedirs(args.results_dir, exist_ok=True)
     summary = {"study": args.study, "command": " ".join(["python", "compare.py"] + [shlex.quote(a) for a in
                                                                                       (argv or sys.argv[1:])]),
                "units": "percent (kappa x 100); per-seed lists follow split_seeds", "rows": rows}
-    base = os.path.join(args.results_dir, args.study)
-    with open(base + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
-    md = f"`{summary['command']}`\n\n{table(rows)}\n"
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md + f"-> {base}.json, {base}.md")
+    for ext, text in ((".json", json.dumps(summary, indent=1)), (".md", f"`{summary['command']}`\n\n{table(rows)}\n")):
+        with open(base + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(base + ext + ".tmp", base + ext)
     return summary
 
 

@@ -67,6 +67,40 @@ def metrics_from_confusion(cm, class_names):
     }
 
 
+BOUNDARY_PX = 2
+
+
+def boundary_mask(labels, radius=BOUNDARY_PX):
+    """(H, W) labels -> True at every labelled pixel with a pixel of another label within `radius` px
+    (a (2r+1)^2 window). Unlabelled pixels count as another label (they are other land cover); beyond the
+    image border is no boundary. Computed on the whole ground-truth map, training pixels included."""
+    lab = np.asarray(labels)
+    H, W = lab.shape
+    padded = np.pad(lab, radius, mode="edge")
+    differs = np.zeros((H, W), bool)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            differs |= padded[dy:dy + H, dx:dx + W] != lab
+    return differs & (lab != IGNORE_INDEX)
+
+
+def region_confusions(pred, labels, edge, num_classes):
+    """(boundary, interior) confusion matrices: the labelled pixels where `edge` is True, and the rest."""
+    pred, labels, edge = np.asarray(pred).ravel(), np.asarray(labels).ravel(), np.asarray(edge).ravel()
+    return np.stack([confusion_matrix(pred[edge], labels[edge], num_classes),
+                     confusion_matrix(pred[~edge], labels[~edge], num_classes)])
+
+
+def add_region_metrics(metrics, cms, class_names):
+    """metrics['boundary'] / ['interior']: OA, AA, mIoU and pixels of the pixels within BOUNDARY_PX of a
+    class boundary and of the rest, from region_confusions' matrices (sharpness as a number)."""
+    for name, cm in zip(("boundary", "interior"), cms):
+        m = metrics_from_confusion(cm, class_names)
+        metrics[name] = {k: m[k] for k in ("oa", "aa", "miou", "pixels")}
+    metrics["boundary_px"] = BOUNDARY_PX
+    return metrics
+
+
 def format_table(m):
     lines = [f"{'class':<32} {'IoU':>7} {'acc':>7} {'pixels':>9}"]
     for c in m["per_class"]:
@@ -74,6 +108,11 @@ def format_table(m):
         lines.append(f"{c['name'][:32]:<32} {fmt(c['iou'])} {fmt(c['acc'])} {c['support']:>9}")
     lines.append(f"OA {100 * m['oa']:.2f} | AA {100 * m['aa']:.2f} | mIoU {100 * m['miou']:.2f} | "
                  f"mIoU (classes in GT) {100 * m['miou_present']:.2f} | kappa {m['kappa']:.4f} | {m['pixels']} px")
+    for part in ("boundary", "interior"):
+        if part in m:
+            r = m[part]
+            where = f"within {m['boundary_px']} px of a class boundary" if part == "boundary" else "the rest"
+            lines.append(f"{part} ({where}): OA {100 * r['oa']:.2f} | mIoU {100 * r['miou']:.2f} | {r['pixels']} px")
     return "\n".join(lines)
 
 
@@ -124,19 +163,20 @@ def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=N
     rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
-    cm = np.zeros((ds.num_classes, ds.num_classes), np.int64)
+    cms = np.zeros((2, ds.num_classes, ds.num_classes), np.int64)  # boundary, interior pixels
     for r in range(rank, len(ds.rasters), world):
         logits, labels = predict_raster(model, ds, r, window, overlap, batch_size, device, dtype)
         pred = logits.argmax(0).numpy()
+        edge = boundary_mask(labels)  # on the whole ground truth, before the split's mask
         if label_mask is not None:
             labels[~label_mask] = IGNORE_INDEX
-        cm += confusion_matrix(pred, labels, ds.num_classes)
+        cms += region_confusions(pred, labels, edge, ds.num_classes)
         if on_raster is not None:
             on_raster(r, pred, labels)
     model.train(was_training)
     if world > 1:
-        cm = common.all_reduce_sum(torch.from_numpy(cm).to(device)).cpu().numpy()
-    return metrics_from_confusion(cm, ds.class_names)
+        cms = common.all_reduce_sum(torch.from_numpy(cms).to(device)).cpu().numpy()
+    return add_region_metrics(metrics_from_confusion(cms.sum(0), ds.class_names), cms, ds.class_names)
 
 
 # ----------------------------------------------------------------------------- frozen-representation probes
@@ -284,8 +324,9 @@ def run_probe(args, device, dtype):
         pred = knn_predict(X[tr], labels.ravel()[tr], X[te], ds.num_classes, args.k, args.knn_temperature)
     else:
         pred = linear_probe(X[tr], labels.ravel()[tr], X[te], ds.num_classes, args.probe_weight_decay)
-    metrics = metrics_from_confusion(confusion_matrix(pred.numpy(), labels.ravel()[te].numpy(), ds.num_classes),
-                                     ds.class_names)
+    cms = region_confusions(pred.numpy(), labels.ravel()[te].numpy(), boundary_mask(labels.numpy()).ravel()[te.numpy()],
+                            ds.num_classes)
+    metrics = add_region_metrics(metrics_from_confusion(cms.sum(0), ds.class_names), cms, ds.class_names)
     metrics.update(probe=args.probe, block=args.probe_block or backbone_depth(backbone), init=args.init,
                    twin=args.twin, backbone=backbone.config["name"], data=ds.name, split=info,
                    train_pixels=int(train.sum()), feature_dim=int(X.shape[1]))
@@ -402,7 +443,7 @@ def load_model(ckpt_path, device):
         backbone.load_state_dict(common.backbone_weights(ckpt))
         return backbone.to(device).eval(), ckpt
     seg = ckpt["segmentation"]
-    model = SegmentationModel(backbone, seg["decoder"], seg["num_classes"])
+    model = SegmentationModel(backbone, seg["decoder"], seg["num_classes"], **seg.get("head", {}))  # none: the study's
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 

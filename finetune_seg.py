@@ -35,6 +35,13 @@ def parse_args(argv=None):
     p.add_argument("--decoder", default="linear", choices=["linear", "conv", "segmenter", "deeplabv3plus"],
                    help="linear: multiscale linear head on the last 4 blocks; conv: UNet-like on 4 blocks; segmenter: "
                    "mask transformer; deeplabv3plus: with --backbone resnet50v1c (the CNN baseline)")
+    p.add_argument("--full-res", action=argparse.BooleanOptionalAction, default=True, help="the full-resolution "
+                   "path: each pixel's own spectrum (a per-pixel linear classifier) joins the decoder's logits, so no "
+                   "decoder loses the pixel; --no-full-res: the study's heads")
+    p.add_argument("--full-res-stem", type=int, default=0, help="with --full-res: also a 3x3 conv stem of this many "
+                   "channels on the spectrum (0 = the linear path alone)")
+    p.add_argument("--upsample", default="bilinear", choices=models.UPSAMPLING, help="how the decoder's logits reach "
+                   "full resolution; guided (needs --full-res): joint bilateral upsampling guided by the spectrum")
     p.add_argument("--aux-weight", type=float, default=0.4, help="DeepLabV3+ auxiliary FCN head loss weight")
     p.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay for transformer backbones "
                    "with --finetune (block i gets lr x decay^(depth + 1 - i)); 0.65-0.75 is usual for ViT-B")
@@ -72,7 +79,8 @@ def build_model(args, ds):
     if args.backbone == "cdcnn" or args.init and common.load_checkpoint(args.init)["backbone"]["name"] == "cdcnn":
         return cross_domain_model(args, ds, common.load_checkpoint(args.init) if args.init else None)
     backbone, _ = load_backbone(args, ds, drop_path_rate=args.drop_path)
-    return SegmentationModel(backbone, args.decoder, ds.num_classes, frozen_backbone=not args.finetune)
+    return SegmentationModel(backbone, args.decoder, ds.num_classes, frozen_backbone=not args.finetune,
+                             full_res=args.full_res, stem=args.full_res_stem, upsample=args.upsample)
 
 
 def cross_domain_model(args, ds, ckpt=None):
@@ -125,7 +133,7 @@ def param_groups(args, model):
     """Decoder at lr; backbone at lr x --backbone-lr-scale, and with --layer-decay each transformer
     layer at a further decay^(depth + 1 - layer). A cross-domain CNN's new first layer is a new layer too:
     it learns with the decoder (10x the transferred trunk at the default scale 0.1)."""
-    groups = common.decay_groups(model.decoder, args.weight_decay)
+    groups = common.decay_groups(model.head_modules(), args.weight_decay)
     if model.backbone.config["name"] == "cdcnn":  # its new first layer learns with the decoder (10x the trunk)
         return (groups + common.decay_groups(model.backbone.first, args.weight_decay)
                 + common.decay_groups(model.backbone.trunk, args.weight_decay, args.backbone_lr_scale))
@@ -197,7 +205,8 @@ def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
     window = None if fully_convolutional(model.backbone.config) else args.img_size  # whole scene: no tile borders
     m = evaluate(model, eval_ds, window, args.img_size // 4, args.eval_batch_size, device, dtype, mask, keep_first,
                  shard=True)
-    logger.scalars(step, {f"eval/{k}": m[k] for k in ("oa", "aa", "miou", "miou_present", "kappa")})
+    logger.scalars(step, {**{f"eval/{k}": m[k] for k in ("oa", "aa", "miou", "miou_present", "kappa")},
+                          "eval/boundary_oa": m["boundary"]["oa"], "eval/boundary_miou": m["boundary"]["miou"]})
     if pictures:  # rank 0 predicts raster 0
         logger.image("eval/labels_vs_prediction", torch.from_numpy(pictures[0]).permute(2, 0, 1).float() / 255, step)
     return m
@@ -245,6 +254,7 @@ def train(args, rank, world, device):
     checkpoints, metrics = common.Checkpoints(args, args.steps, device), None
     best = common.load_checkpoint(best_path)["val"]["miou"] if args.resume and os.path.isfile(best_path) else -1.0
     extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "blocks": model.blocks,
+                              "head": model.head,
                               "pca": None if pca is None else pca.tolist(), "classes": classes,
                               "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone}}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())

@@ -723,6 +723,11 @@ PRESETS = {
     # SimMIM masks of 4 x 4 pixels.
     "maskedsst": dict(backbone="sst", patch_size=1, spectral_patch=10, img_size=8, block_order="spatial-first",
                       embed_norm=True),
+    # Smaller patches for sharper maps (issue #15). patch4 keeps 64 px tiles: a 16 x 16 token grid, 4x the
+    # tokens of patch 8 (~4x the block FLOPs, more in attention). patch2 cuts 32 px tiles so the grid stays
+    # 16 x 16: patch4's cost at half the context. Position embeddings follow the grid (img_size / patch).
+    "patch4": dict(patch_size=4),
+    "patch2": dict(patch_size=2, img_size=32),
 }
 
 
@@ -997,10 +1002,7 @@ class MultiscaleLinearDecoder(nn.Module):
         size = max(m.shape[-2:] for m in maps)
         maps = [m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear", align_corners=False)
                 for m in maps]
-        logits = self.classifier(self.bn(torch.cat(maps, dim=1)))
-        if logits.shape[-2:] != tuple(out_size):
-            logits = F.interpolate(logits, out_size, mode="bilinear", align_corners=False)
-        return logits
+        return resize(self.classifier(self.bn(torch.cat(maps, dim=1))), out_size)
 
 
 class ConvDecoder(nn.Module):
@@ -1072,7 +1074,83 @@ def conv_bn_relu(cin, cout, k, dilation=1, stride=1, groups=1):
 
 
 def resize(x, size):
-    return x if x.shape[-2:] == tuple(size) else F.interpolate(x, size, mode="bilinear", align_corners=False)
+    """Bilinear resize to `size`; None keeps the map as it is (a decoder's native resolution)."""
+    if size is None or x.shape[-2:] == tuple(size):
+        return x
+    return F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+
+def guided_upsample(logits, guide, log_range, log_sigma):
+    """Joint bilateral upsampling with a learned range kernel: every pixel's logits are a softmax-weighted
+    mix of the logits of the 3 x 3 token cells around its own, weighted by the distance from the pixel to
+    each cell centre (Gaussian, sigma = exp(log_sigma) cells) and by how far the pixel's full-resolution
+    guidance is from the cell's mean guidance (exp(log_range) x mean squared difference). With the range
+    term off it is a smooth interpolation like bilinear; with it, a pixel on an edge takes the logits of
+    the cell on its own side. logits (B, K, h, w), guide (B, E, H, W) -> (B, K, H, W)."""
+    (B, K, h, w), (H, W) = logits.shape, guide.shape[-2:]
+    guide = guide.float()
+    cells = F.adaptive_avg_pool2d(guide, (h, w))
+    dev = logits.device
+    # A pixel's centre in cell units (cell j's centre is at j, as bilinear with align_corners=False) and
+    # the cell it lies in.
+    py = (torch.arange(H, device=dev) + 0.5) * h / H - 0.5
+    px = (torch.arange(W, device=dev) + 0.5) * w / W - 0.5
+    cy, cx = (py + 0.5).floor().long().clamp(0, h - 1), (px + 0.5).floor().long().clamp(0, w - 1)
+    neighbours, scores = [], []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            ny, nx = cy + dy, cx + dx
+            inside = ((ny >= 0) & (ny < h))[:, None] & ((nx >= 0) & (nx < w))[None]  # (H, W)
+            ny, nx = ny.clamp(0, h - 1), nx.clamp(0, w - 1)
+            spatial = (py - ny)[:, None] ** 2 + (px - nx)[None] ** 2
+            far = (guide - cells[:, :, ny][:, :, :, nx]).pow(2).mean(1)  # (B, H, W)
+            score = -log_range.exp() * far - spatial / (2 * log_sigma.exp() ** 2)
+            scores.append(score.masked_fill(~inside, float("-inf")))
+            neighbours.append((ny, nx))
+    weights = torch.softmax(torch.stack(scores, 1), dim=1).to(logits.dtype)  # (B, 9, H, W)
+    out = 0
+    for i, (ny, nx) in enumerate(neighbours):  # one neighbour at a time: memory of one (B, K, H, W) map
+        out = out + weights[:, i:i + 1] * logits[:, :, ny][:, :, :, nx]
+    return out
+
+
+class FullResolution(nn.Module):
+    """The full-resolution path of a segmentation head (issue #15). Every decoder starts from tokens at
+    the patch stride; this path sees each pixel's own normalised spectrum: a per-pixel linear classifier
+    whose logits are added to the decoder's (contextual) logits, so with the backbone's features zeroed
+    the head *is* a per-pixel linear classifier (plus, for decoders with padded convolutions, a bias that
+    depends on the position only) and, trained, it can learn at least what the per-pixel baseline
+    learns. `stem` > 0 adds a small 3 x 3 conv stem on the spectrum (stem channels -> class logits,
+    zero-initialised, so training starts from the linear path). `upsample="guided"` brings the decoder's
+    logits to full resolution by `guided_upsample` on a learned 16-d projection of the spectrum instead
+    of bilinearly."""
+
+    def __init__(self, in_chans, num_classes, stem=0, upsample="bilinear", guide_dim=16):
+        super().__init__()
+        check_choice("upsample", upsample, UPSAMPLING)
+        self.pixel = nn.Conv2d(in_chans, num_classes, 1)
+        nn.init.trunc_normal_(self.pixel.weight, std=0.01)
+        nn.init.zeros_(self.pixel.bias)
+        self.stem = None
+        if stem:
+            self.stem = nn.Sequential(conv_bn_relu(in_chans, stem, 3), nn.Conv2d(stem, num_classes, 1))
+            nn.init.zeros_(self.stem[1].weight)
+            nn.init.zeros_(self.stem[1].bias)
+        self.guide = None
+        if upsample == "guided":
+            self.guide = nn.Conv2d(in_chans, guide_dim, 1)
+            self.log_range = nn.Parameter(torch.zeros(()))
+            self.log_sigma = nn.Parameter(torch.tensor(math.log(0.5)))  # ~ bilinear's reach at the start
+
+    def forward(self, x, context):
+        """x (B, C, H, W) the normalised input, context (B, K, h, w) the decoder's logits -> (B, K, H, W)."""
+        if self.guide is not None and context.shape[-2:] != x.shape[-2:]:
+            context = guided_upsample(context, self.guide(x), self.log_range, self.log_sigma)
+        logits = resize(context, x.shape[-2:]) + self.pixel(x)
+        return logits if self.stem is None else logits + self.stem(x)
+
+
+UPSAMPLING = ("bilinear", "guided")
 
 
 # ----------------------------------------------------------------------------- CNN baseline
@@ -1181,9 +1259,13 @@ def decoder_blocks(decoder, depth):
 
 class SegmentationModel(nn.Module):
     """A backbone, the outputs of the encoder blocks its decoder reads, and the decoder. With
-    `frozen_backbone` the backbone runs without gradients in eval mode (a linear probe)."""
+    `frozen_backbone` the backbone runs without gradients in eval mode (a linear probe). `full_res` adds
+    the full-resolution path (`FullResolution`: the pixel's own spectrum joins the decoder's logits; `stem`,
+    `upsample` are its options) to backbones whose features are coarser than the pixels; without it the
+    heads are the study's. `head` records these options for checkpoints."""
 
-    def __init__(self, backbone, decoder, num_classes, frozen_backbone=True):
+    def __init__(self, backbone, decoder, num_classes, frozen_backbone=True, full_res=False, stem=0,
+                 upsample="bilinear"):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; available: {', '.join(DECODERS)}")
@@ -1192,6 +1274,12 @@ class SegmentationModel(nn.Module):
         dims = backbone.feature_dims(self.blocks if isinstance(self.blocks, int) else len(self.blocks))
         stride = getattr(backbone, "feature_stride", getattr(backbone, "patch_size", 1))
         self.decoder = DECODERS[decoder](dims, num_classes, stride)
+        if upsample != "bilinear" and not full_res:
+            raise ValueError(f"upsample={upsample!r} needs the full-resolution path (--full-res)")
+        # Backbones at stride 1 (pixel, cdcnn) already see every pixel's spectrum at full resolution.
+        self.full_res = FullResolution(backbone.in_chans, num_classes, stem, upsample) if full_res and stride > 1 else None
+        self.head = {"full_res": self.full_res is not None, "stem": stem if self.full_res else 0,
+                     "upsample": upsample if self.full_res else "bilinear"}
         self.backbone.requires_grad_(not frozen_backbone)
         for name, p in backbone.named_parameters():
             if name.endswith("mask_token"):
@@ -1207,7 +1295,16 @@ class SegmentationModel(nn.Module):
         """(B, C, H, W) -> logits (B, K, H, W) (in training, DeepLabV3+ also returns its auxiliary logits)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
             features = self.backbone.intermediate_layers(x, self.blocks)
-        return self.decoder(features, x.shape[-2:])
+        if self.full_res is None:
+            return self.decoder(features, x.shape[-2:])
+        logits = self.decoder(features, None)  # at the decoder's own resolution; the path upsamples
+        if isinstance(logits, tuple):  # DeepLabV3+ in training: (logits, auxiliary logits)
+            return self.full_res(x, logits[0]), resize(logits[1], x.shape[-2:])
+        return self.full_res(x, logits)
+
+    def head_modules(self):
+        """The trained-from-scratch part: the decoder and the full-resolution path."""
+        return nn.ModuleList([self.decoder] + ([self.full_res] if self.full_res is not None else []))
 
 
 def backbone_depth(backbone):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import common
 import data
+import models
 from models import DINOHead, build_backbone, linear_flops
 
 
@@ -77,7 +78,9 @@ def parse_args(argv=None):
                    "CPU); a GPU needs ~10x more tiles/s than CPU workers multi-crop")
     common.add_recipe_args(p)
     common.add_run_args(p, out="runs/dino")
-    args = p.parse_args(argv)
+    # The patch presets; patch2's 32 px global crops take 16 px local crops (the same 1:2 ratio).
+    args = common.parse_with_preset(p, argv, {"patch4": models.PRESETS["patch4"],
+                                              "patch2": {**models.PRESETS["patch2"], "local_size": 16}})
     if args.blr is None:
         args.blr = {"linear": 2e-3, "sqrt": 4e-3}[args.lr_scaling]
     return args

@@ -20,7 +20,8 @@ from models import MAE, MAE_DECODER_SIZES, SimMIM, build_backbone, unpatchify
 
 # MaskedSST pre-trains on random 8 x 8 windows without resampling: a random resized crop blends
 # neighbouring spectra. Flips stay (they move pixels, never mix them); SimMIM masks 4 x 4 pixel squares.
-PRESETS = {"maskedsst": {**models.PRESETS["maskedsst"], "crop_scale": (1.0, 1.0), "flips": True, "mask_block": 4}}
+PRESETS = {**models.PRESETS,
+           "maskedsst": {**models.PRESETS["maskedsst"], "crop_scale": (1.0, 1.0), "flips": True, "mask_block": 4}}
 
 
 def parse_args(argv=None):

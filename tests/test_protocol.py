@@ -4,6 +4,7 @@ inference for fully convolutional models."""
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -90,6 +91,14 @@ def test_runner_writes_results_and_skips_finished_cells(tmp_path, cache_dir, mon
     assert len(calls) == 1 and "--probe" in calls[0] and calls[0][calls[0].index("--seed") + 1] == "1"
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(summary["rows"])  # the re-run cell reproduces its result
+    # Another session: no runs/ folder, only the committed results file. Nothing runs; the rows stay.
+    shutil.rmtree(tmp_path / "runs")
+    calls.clear()
+    assert compare.main(argv)["rows"] == again["rows"] and not calls
+    # ... unless the flags changed: then the recorded cells are not these cells.
+    calls.clear()
+    compare.main([a.replace("--steps 2", "--steps 1") for a in argv])
+    assert len(calls) == 4 and all("--probe" not in c for c in calls)  # the finetune cells, both configs and seeds
 
 
 # ----------------------------------------------------------------------------- twins
