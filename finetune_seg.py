@@ -111,6 +111,14 @@ def cross_domain_model(args, ds, ckpt=None):
     return model
 
 
+def check_head(path, head):
+    """A run resumes only with the head it was trained with (runs from before issue #15: the study's)."""
+    saved = common.load_checkpoint(path, mmap=True).get("segmentation", {}).get("head", models.STUDY_HEAD)
+    if saved != head:
+        raise ValueError(f"{path}: the run was trained with the head {saved}, these flags build {head}; resume with "
+                         "its --full-res/--no-full-res, --full-res-stem and --upsample")
+
+
 def splits(args, ds, out, resume):
     """(training dataset, evaluation dataset, evaluation label mask or None, kept classes or None)."""
     if ds.kind == "whu":
@@ -240,6 +248,8 @@ def train(args, rank, world, device):
                    else common.step_schedule(args.lr, args.steps, args.lr_milestones))
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
     backbone_config = model.backbone.config
+    if args.resume:
+        check_head(ckpt_path, model.head)
     start = common.resume(ckpt_path, rank, backbone_config, **state) if args.resume else 0
     ddp = common.wrap_ddp(model, world)
     ddp = torch.compile(ddp) if args.compile else ddp

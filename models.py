@@ -1151,6 +1151,7 @@ class FullResolution(nn.Module):
 
 
 UPSAMPLING = ("bilinear", "guided")
+STUDY_HEAD = {"full_res": False, "stem": 0, "upsample": "bilinear"}  # the heads before issue #15
 
 
 # ----------------------------------------------------------------------------- CNN baseline
@@ -1276,10 +1277,12 @@ class SegmentationModel(nn.Module):
         self.decoder = DECODERS[decoder](dims, num_classes, stride)
         if upsample != "bilinear" and not full_res:
             raise ValueError(f"upsample={upsample!r} needs the full-resolution path (--full-res)")
+        if upsample != "bilinear" and decoder == "conv":
+            raise ValueError(f"the conv decoder already decodes to full resolution: upsample={upsample!r} applies to "
+                             "the linear, segmenter and deeplabv3plus decoders")
         # Backbones at stride 1 (pixel, cdcnn) already see every pixel's spectrum at full resolution.
         self.full_res = FullResolution(backbone.in_chans, num_classes, stem, upsample) if full_res and stride > 1 else None
-        self.head = {"full_res": self.full_res is not None, "stem": stem if self.full_res else 0,
-                     "upsample": upsample if self.full_res else "bilinear"}
+        self.head = {"full_res": True, "stem": stem, "upsample": upsample} if self.full_res else dict(STUDY_HEAD)
         self.backbone.requires_grad_(not frozen_backbone)
         for name, p in backbone.named_parameters():
             if name.endswith("mask_token"):
