@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default="runs/compare")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--dry-run", action="store_true", help="print the cells' commands and what is finished")
+    p.add_argument("--collect", action="store_true", help="run no cell: write the results of the finished ones "
+                   "(a partial table, e.g. when a session ends; the rest runs with the same command later)")
     common.add_debug_arg(p)
     return p.parse_args(argv)
 
@@ -151,16 +153,23 @@ def recorded_cells(path, todo):
     return found
 
 
+def finished(cell, recorded):
+    """A finished cell's result, else None. Finished: its result.json exists, or its folder does not and
+    `recorded` (recorded_cells) holds it."""
+    name, mode, label, seed, where = cell[:5]
+    if os.path.isfile(os.path.join(where, "result.json")):
+        with open(os.path.join(where, "result.json")) as f:
+            return json.load(f)
+    return None if os.path.isdir(where) else recorded.get((name, mode, label, seed))
+
+
 def run_cell(cell, args, recorded=None):
-    """Run one cell unless finished; returns its result. Finished: its result.json exists, or its folder
-    does not and `recorded` (recorded_cells) holds it. An interrupted cell's folder is cleared first."""
+    """Run one cell unless finished; returns its result. An interrupted cell's folder is cleared first."""
     name, mode, label, seed, where, script, argv = cell
     result_path = os.path.join(where, "result.json")
-    if os.path.isfile(result_path):
-        with open(result_path) as f:
-            return json.load(f)
-    if not os.path.isdir(where) and (name, mode, label, seed) in (recorded or {}):
-        return recorded[(name, mode, label, seed)]
+    done = finished(cell, recorded or {})
+    if done is not None:
+        return done
     if os.path.isdir(where):
         shutil.rmtree(where)  # an interrupted cell: its run starts again (cells are minutes long)
     os.makedirs(where)
@@ -259,14 +268,17 @@ def main(argv=None):
         if ref and ref not in configs:
             raise ValueError(f"reference {ref!r} is not a configuration ({', '.join(configs)})")
     todo = cells(args, configs)
-    if args.dry_run:
-        for c in todo:
-            done = os.path.isfile(os.path.join(c[4], "result.json"))
-            print(("done  " if done else "to do ") + " ".join(["python", c[5]] + [shlex.quote(a) for a in c[6]]))
-        return None
     base = os.path.join(args.results_dir, args.study)
     recorded = recorded_cells(base + ".json", todo)
+    if args.dry_run:
+        for c in todo:
+            done = finished(c, recorded) is not None
+            print(("done  " if done else "to do ") + command_line(c[5], c[6]))
+        return None
     results = {(c[0], c[1], c[2]): {} for c in todo}
+    if args.collect:
+        total, todo = len(todo), [c for c in todo if finished(c, recorded) is not None]
+        print(f"{len(todo)} of {total} cells finished; collecting them, running none")
     lock = threading.Lock()
 
     def run(c):
@@ -289,8 +301,8 @@ def main(argv=None):
 def write_results(args, argv, base, rows):
     """results/<study>.json and .md (written whole, then renamed into place)."""
     os.makedirs(args.results_dir, exist_ok=True)
-    summary = {"study": args.study, "command": " ".join(["python", "compare.py"] + [shlex.quote(a) for a in
-                                                                                      (argv or sys.argv[1:])]),
+    made_by = [a for a in (argv or sys.argv[1:]) if a != "--collect"]  # the command that makes the cells
+    summary = {"study": args.study, "command": " ".join(["python", "compare.py"] + [shlex.quote(a) for a in made_by]),
                "units": "percent (kappa x 100); per-seed lists follow split_seeds", "rows": rows}
     for ext, text in ((".json", json.dumps(summary, indent=1)), (".md", f"`{summary['command']}`\n\n{table(rows)}\n")):
         with open(base + ext + ".tmp", "w") as f:

@@ -95,9 +95,14 @@ def test_runner_writes_results_and_skips_finished_cells(tmp_path, cache_dir, mon
     shutil.rmtree(tmp_path / "runs")
     calls.clear()
     assert compare.main(argv)["rows"] == again["rows"] and not calls
-    # ... unless the flags changed: then the recorded cells are not these cells.
+    # ... unless the flags changed: then the recorded cells are not these cells. --collect runs none of them
+    # and writes the finished ones (the knn cells here); without it they run.
+    changed = [a.replace("--steps 2", "--steps 1") for a in argv]
     calls.clear()
-    compare.main([a.replace("--steps 2", "--steps 1") for a in argv])
+    partial = compare.main(changed + ["--collect"])
+    assert not calls and "--collect" not in partial["command"]
+    assert [len(r["split_seeds"]) for r in partial["rows"]] == [2, 0, 2, 0]  # (pixel, vit) x (knn, finetune)
+    compare.main(changed)
     assert len(calls) == 4 and all("--probe" not in c for c in calls)  # the finetune cells, both configs and seeds
 
 
