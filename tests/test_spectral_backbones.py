@@ -135,7 +135,11 @@ def mae_args(scene, out, cache_dir, *extra):
 
 @pytest.mark.parametrize("backbone", ["ssvit", "sst"])
 def test_masked_modelling_loss_goes_down(backbone, scene, cache_dir, tmp_path):
-    pretrain_mae.main(mae_args(scene, tmp_path / backbone, cache_dir, "--backbone", backbone, "--spectral-patch", "4"))
+    # SST SimMIM's curve on this fixture falls ~9% in 50 steps with 2 threads (10% with 1): at the bar. 80 steps
+    # clear it with either thread count.
+    steps = ["--steps", "80", "--ckpt-every", "80"] if backbone == "sst" else []
+    pretrain_mae.main(mae_args(scene, tmp_path / backbone, cache_dir, "--backbone", backbone, "--spectral-patch", "4",
+                               *steps))
     curve = losses(tmp_path / backbone)
     assert sum(curve[-10:]) / 10 < 0.9 * sum(curve[:10]) / 10, curve
 
