@@ -244,16 +244,15 @@ def table(rows):
     for r in rows:
         cols = [fmt(*mean_std(r[k])) for k in METRICS]
         ref = index.get((r["reference"], r["mode"], r["labels"]))
+        pair = lambda k: paired(dict(zip(r["split_seeds"], r[k])), dict(zip(ref["split_seeds"], ref[k])))  # noqa: E731
         diff = ["-", "-", "-"]
         if ref is not None:
-            oa, miou = (paired(dict(zip(r["split_seeds"], r[k])), dict(zip(ref["split_seeds"], ref[k])))
-                        for k in ("oa", "miou"))
+            oa, miou = pair("oa"), pair("miou")
             diff = [f"{oa[0]:+.2f} ± {oa[1]:.2f}", f"{miou[0]:+.2f} ± {miou[1]:.2f}", f"{oa[2]}/{oa[3]}"]
         if regions:
             diff.append(fmt(*mean_std(r["boundary_oa"])) if "boundary_oa" in r else "-")
             both = ref is not None and "boundary_oa" in r and "boundary_oa" in ref
-            edge = both and paired(dict(zip(r["split_seeds"], r["boundary_oa"])),
-                                   dict(zip(ref["split_seeds"], ref["boundary_oa"])))
+            edge = pair("boundary_oa") if both else None
             diff.append(f"{edge[0]:+.2f} ± {edge[1]:.2f}" if both else "-")
         lines.append(f"| {r['name']} | {r['mode']} | {r['labels']} | {len(r['split_seeds'])} | " + " | ".join(cols)
                      + f" | {r['reference'] or '-'} | " + " | ".join(diff) + " |")

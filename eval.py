@@ -91,9 +91,11 @@ def region_confusions(pred, labels, edge, num_classes):
                      confusion_matrix(pred[~edge], labels[~edge], num_classes)])
 
 
-def add_region_metrics(metrics, cms, class_names):
-    """metrics['boundary'] / ['interior']: OA, AA, mIoU and pixels of the pixels within BOUNDARY_PX of a
-    class boundary and of the rest, from region_confusions' matrices (sharpness as a number)."""
+def region_metrics(cms, class_names):
+    """Metrics of all scored pixels from region_confusions' matrices, plus metrics['boundary'] /
+    ['interior']: OA, AA, mIoU and pixels of the pixels within BOUNDARY_PX of a class boundary and of the
+    rest (sharpness as a number)."""
+    metrics = metrics_from_confusion(cms.sum(0), class_names)
     for name, cm in zip(("boundary", "interior"), cms):
         m = metrics_from_confusion(cm, class_names)
         metrics[name] = {k: m[k] for k in ("oa", "aa", "miou", "pixels")}
@@ -176,7 +178,7 @@ def evaluate(model, ds, window, overlap, batch_size, device, dtype, label_mask=N
     model.train(was_training)
     if world > 1:
         cms = common.all_reduce_sum(torch.from_numpy(cms).to(device)).cpu().numpy()
-    return add_region_metrics(metrics_from_confusion(cms.sum(0), ds.class_names), cms, ds.class_names)
+    return region_metrics(cms, ds.class_names)
 
 
 # ----------------------------------------------------------------------------- frozen-representation probes
@@ -326,7 +328,7 @@ def run_probe(args, device, dtype):
         pred = linear_probe(X[tr], labels.ravel()[tr], X[te], ds.num_classes, args.probe_weight_decay)
     cms = region_confusions(pred.numpy(), labels.ravel()[te].numpy(), boundary_mask(labels.numpy()).ravel()[te.numpy()],
                             ds.num_classes)
-    metrics = add_region_metrics(metrics_from_confusion(cms.sum(0), ds.class_names), cms, ds.class_names)
+    metrics = region_metrics(cms, ds.class_names)
     metrics.update(probe=args.probe, block=args.probe_block or backbone_depth(backbone), init=args.init,
                    twin=args.twin, backbone=backbone.config["name"], data=ds.name, split=info,
                    train_pixels=int(train.sum()), feature_dim=int(X.shape[1]))
