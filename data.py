@@ -707,15 +707,31 @@ def random_resized_crop(img, lab, rng, out_size, scale=(0.2, 1.0), ratio=(3 / 4,
     return img, lab
 
 
-def spectral_jitter(img, rng, brightness=0.0, contrast=0.0, band_gain=0.0):
+def spectral_jitter(img, rng, brightness=0.0, contrast=0.0, band_gain=0.0, spread=None):
     """Photometric jitter that makes sense for reflectance: a global illumination gain, a small per-band
     gain (calibration / atmosphere), and contrast around each band's spatial mean. No hue or grey-scale
-    tricks: bands are not colours. Works in physical units, before normalisation."""
+    tricks: bands are not colours. Works in physical units, before normalisation. spread: no band's tile
+    mean moves by more than this share of the band's within-tile standard deviation (each band's gain is
+    clipped), so the jitter stays below the spectral differences between land covers; None = unbounded.
+    A contrast gain stops where the darkest pixel would reach zero: reflectance is never made negative."""
     C = img.shape[0]
     gain = rng.uniform(1 - brightness, 1 + brightness) * rng.uniform(1 - band_gain, 1 + band_gain, C)
     c = rng.uniform(1 - contrast, 1 + contrast)
     mean = img.mean(axis=(1, 2), keepdims=True)
+    if img.min() >= 0:
+        c = min(c, float((mean[:, 0, 0] / np.maximum(mean[:, 0, 0] - img.min(axis=(1, 2)), 1e-12)).min()))
+    if spread is not None:
+        bound = spread * img.std(axis=(1, 2)) / np.maximum(np.abs(mean[:, 0, 0]), 1e-12)
+        gain = np.clip(gain, 1 - bound, 1 + bound)
     return ((mean + c * (img - mean)) * gain[:, None, None]).astype(np.float32)
+
+
+def jitter_notice(datasets, say=print):
+    """Say which scenes get no spectral jitter (see Augment): those without a value scale."""
+    raw = [ds.name for ds in datasets if ds.value_scale is None]
+    if raw:
+        say(f"notice: no spectral jitter on {', '.join(raw)}: no value_scale in meta.json, so the values are not "
+            "reflectance and a gain would be no physical change")
 
 
 def gaussian_blur(img, sigma):
@@ -746,14 +762,17 @@ class Augment:
     brightness: float = 0.0
     contrast: float = 0.0
     band_gain: float = 0.0
+    spread: float = None          # spectral_jitter's bound
 
-    def __call__(self, img, lab, rng, normalize):
+    def __call__(self, img, lab, rng, normalize, reflectance=True):
+        """reflectance: img is in reflectance (its scene has a value scale); the spectral jitter applies to
+        reflectance only - on sensor counts with an offset a gain is no physical change."""
         if self.flips:
             img, lab = dihedral([img, lab], rng)
         if self.crop_scale is not None:
             img, lab = random_resized_crop(img, lab, rng, img.shape[-1], self.crop_scale)
-        if self.brightness or self.contrast or self.band_gain:
-            img = spectral_jitter(img, rng, self.brightness, self.contrast, self.band_gain)
+        if (self.brightness or self.contrast or self.band_gain) and reflectance:
+            img = spectral_jitter(img, rng, self.brightness, self.contrast, self.band_gain, self.spread)
         return torch.from_numpy(normalize(img)), torch.from_numpy(lab)
 
     def batch(self, x, d, rnd, normalize):
@@ -767,7 +786,7 @@ class Augment:
             x = resample(x, boxes, dihedral_index(rnd.uniform()) if self.flips else None, x.shape[-1])
         if self.brightness or self.contrast or self.band_gain:
             x = batch_jitter(x, rnd.uniform(2 + C), self.brightness, self.contrast, self.band_gain,
-                             torch.ones(B, dtype=torch.bool, device=device))
+                             normalize.reflectance[d], self.spread)
         return normalize(x, d)
 
     @staticmethod
@@ -779,9 +798,12 @@ class Augment:
 @dataclass
 class MultiCrop:
     """DINO's multi-crop for HSI: 2 global and n_local local views of one tile, each a random resized crop
-    with flips, spectral jitter (p=0.8) and blur; the second global view may be spectrally solarized.
+    with flips, spectral jitter (with probability jitter_p, on reflectance only: see spectral_jitter) and
+    blur; the second global view may be spectrally solarized (off by default: solarize mirrors every band
+    about its mean, erasing whether a band is above or below it - the very thing land covers differ by).
     Returns ((2, C, G, G), (n_local, C, L, L)) normalised views; `batch` does the same for a batch on the
-    device."""
+    device. Blur sigmas are in pixels: DINOv2's (0.1, 2.0) suit 224 px crops of 14 px patches; a trainer
+    scales them to its patch size."""
     global_size: int = 64
     local_size: int = 32
     n_local: int = 4
@@ -790,17 +812,18 @@ class MultiCrop:
     brightness: float = 0.2
     contrast: float = 0.2
     band_gain: float = 0.05
+    spread: float = None
+    jitter_p: float = 0.8
     blur_sigma: tuple = (0.1, 2.0)
-    jitter_p = 0.8
-    global_blur_p = (1.0, 0.1)
-    global_solarize_p = (0.0, 0.2)
-    local_blur_p = 0.5
+    global_blur_p: tuple = (1.0, 0.1)
+    local_blur_p: float = 0.5
+    global_solarize_p: tuple = (0.0, 0.0)
 
-    def view(self, img, lab, rng, normalize, size, scale, blur_p, solarize_p):
+    def view(self, img, lab, rng, normalize, size, scale, blur_p, solarize_p, reflectance):
         v, _ = random_resized_crop(img, lab, rng, size, scale)
         v = dihedral([v], rng)[0]
-        if rng.random() < self.jitter_p:
-            v = spectral_jitter(v, rng, self.brightness, self.contrast, self.band_gain)
+        if rng.random() < self.jitter_p and reflectance:
+            v = spectral_jitter(v, rng, self.brightness, self.contrast, self.band_gain, self.spread)
         if rng.random() < blur_p:
             v = gaussian_blur(v, rng.uniform(*self.blur_sigma))
         v = normalize(np.ascontiguousarray(v, dtype=np.float32))
@@ -808,11 +831,11 @@ class MultiCrop:
             v = spectral_solarize(v)
         return torch.from_numpy(v)
 
-    def __call__(self, img, lab, rng, normalize):
-        g = [self.view(img, lab, rng, normalize, self.global_size, self.global_scale, blur, solarize)
+    def __call__(self, img, lab, rng, normalize, reflectance=True):
+        g = [self.view(img, lab, rng, normalize, self.global_size, self.global_scale, blur, solarize, reflectance)
              for blur, solarize in zip(self.global_blur_p, self.global_solarize_p)]
-        local = [self.view(img, lab, rng, normalize, self.local_size, self.local_scale, self.local_blur_p, 0.0)
-                 for _ in range(self.n_local)]
+        local = [self.view(img, lab, rng, normalize, self.local_size, self.local_scale, self.local_blur_p, 0.0,
+                           reflectance) for _ in range(self.n_local)]
         local = torch.stack(local) if local else torch.zeros(0, img.shape[0], self.local_size, self.local_size)
         return (torch.stack(g), local), torch.from_numpy(lab)
 
@@ -834,8 +857,8 @@ class MultiCrop:
         if V == 0:
             return x.new_zeros(0, C, size, size)
         v = resample(x, crop_boxes(rnd.views(V, 2 * CROP_TRIES + 2), scale), dihedral_index(rnd.views(V)), size)
-        jitter = rnd.views(V) < self.jitter_p
-        v = batch_jitter(v, rnd.views(V, 2 + C), self.brightness, self.contrast, self.band_gain, jitter)
+        jitter = (rnd.views(V) < self.jitter_p) & normalize.reflectance[d].repeat(V)
+        v = batch_jitter(v, rnd.views(V, 2 + C), self.brightness, self.contrast, self.band_gain, jitter, self.spread)
         blur = per_view(rnd.views(V), blur_p)
         lo, hi = self.blur_sigma
         v = batch_blur(v, torch.where(blur, lo + (hi - lo) * rnd.views(V), 0.0), hi)
@@ -904,15 +927,21 @@ def full_boxes(n, device):
     return one, one, zero, zero
 
 
-def batch_jitter(x, u, brightness, contrast, band_gain, apply):
+def batch_jitter(x, u, brightness, contrast, band_gain, apply, spread=None):
     """spectral_jitter of every image of x (N, C, H, W) with its own draws, u (N, 2 + C) uniforms; images
     where apply (N,) is False stay as they are. In physical units, before normalisation. As one multiply-add
     per value: (mean + c (x - mean)) gain = mean (1 - c) gain + c gain x."""
     C = x.shape[1]
     gain = (1 - brightness + 2 * brightness * u[:, :1]) * (1 - band_gain + 2 * band_gain * u[:, 2:2 + C])  # (N, C)
     c = 1 - contrast + 2 * contrast * u[:, 1:2]
+    mean, low = x.mean((2, 3)), x.amin((2, 3))
+    c_max = (mean / (mean - low).clamp_min(1e-12)).amin(1, keepdim=True)  # the darkest pixel reaches zero
+    c = torch.where(low.amin(1, keepdim=True) >= 0, torch.minimum(c, c_max), c)
+    if spread is not None:
+        bound = spread * x.std((2, 3), correction=0) / mean.abs().clamp_min(1e-12)
+        gain = torch.minimum(torch.maximum(gain, 1 - bound), 1 + bound)
     scale = torch.where(apply[:, None], c * gain, 1.0)
-    shift = torch.where(apply[:, None], x.mean((2, 3)) * (1 - c) * gain, 0.0)
+    shift = torch.where(apply[:, None], mean * (1 - c) * gain, 0.0)
     return torch.addcmul(shift[:, :, None, None], scale[:, :, None, None], x)
 
 
@@ -1036,7 +1065,7 @@ class RandomTiles(torch.utils.data.Dataset):
             img, lab = ds.crop(r, y, x, self.size, self.size)
             if (lab != IGNORE_INDEX).sum() >= self.min_labelled:
                 break
-        x, y = self.augment(img, lab, rng, ds.normalize)
+        x, y = self.augment(img, lab, rng, ds.normalize, ds.value_scale is not None)
         return (x, y, d) if self.labels else (x, d)
 
 
@@ -1066,7 +1095,7 @@ class DeviceNormalize:
         self.mean = on(np.stack([ds.mean for ds in datasets]))  # (D, C)
         self.inv_std = on(np.stack([1 / ds.std for ds in datasets]))
         self.scale = on([ds.value_scale or 1.0 for ds in datasets])
-        self.fill = on([ds.value_scale is not None for ds in datasets], torch.bool)
+        self.reflectance = on([ds.value_scale is not None for ds in datasets], torch.bool)  # else raw counts
         self.nodata = on([np.nan if ds.nodata is None else ds.nodata for ds in datasets])  # NaN: never equal
         unsigned = [any(r.image.dtype == np.uint16 for r in ds.rasters) and not ds.signed_view for ds in datasets]
         self.unsigned = on(unsigned, torch.bool)
@@ -1085,7 +1114,7 @@ class DeviceNormalize:
             bad.append(x == each(self.nodata))
         if checks["scale"]:
             x = x * each(self.scale)
-            bad.append(each(self.fill) & (x < FILL_BELOW_REFLECTANCE))
+            bad.append(each(self.reflectance) & (x < FILL_BELOW_REFLECTANCE))
         if raw.is_floating_point():
             bad.append(~torch.isfinite(x))
         invalid = [b.any(1) for b in bad]

@@ -56,11 +56,30 @@ def parse_args(argv=None):
     p.add_argument("--teacher-temp", type=float, default=0.07, help="lower it if training is unstable")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
     p.add_argument("--teacher-temp-warmup-steps", type=int, default=100)
-    p.add_argument("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="teacher EMA, cosine start/end. "
-                   "DINOv2's 0.992 -> 1 is for 125k iterations: over 300 steps it leaves ~30%% of the random "
-                   "initial teacher in the saved teacher (printed at start; the probe reads the teacher). For short "
-                   "runs start lower, e.g. 0.96 0.996 (~0.1%% left after 300 steps), or probe the student "
-                   "(finetune_seg.py/eval.py --init-weights student)")
+    p.add_argument("--momentum", type=float, nargs=2, default=None, help="teacher EMA, cosine start/end. Default: "
+                   "min(0.992, 1 - 2 ln(100) / steps) -> 1, which leaves ~1%% of the random initial teacher in the "
+                   "saved one (printed at start; the probe reads the teacher). DINOv2's 0.992 -> 1 is for 125k "
+                   "iterations: over 300 steps it leaves ~30%%. Or probe the student (--init-weights student)")
+    # The multi-crop (data.MultiCrop), every knob: DINOv2's values where they fit HSI, changed where they do not.
+    p.add_argument("--global-scale", type=float, nargs=2, default=(0.32, 1.0), help="global crops' area range")
+    p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="local crops' area range")
+    p.add_argument("--brightness", type=float, default=0.2, help="illumination gain jitter (x 1 +- this) of "
+                   "reflectance; scenes without a value_scale (sensor counts with an offset, e.g. the bundled "
+                   "Indian Pines) get no spectral jitter, with a printed notice")
+    p.add_argument("--contrast", type=float, default=0.2, help="contrast jitter around each band's tile mean")
+    p.add_argument("--band-gain", type=float, default=0.05, help="per-band gain jitter (calibration, atmosphere)")
+    p.add_argument("--jitter-spread", type=float, default=0.25, help="bound on the spectral jitter: no band's tile "
+                   "mean moves by more than this share of its within-tile std (gains clipped per band), so the "
+                   "student is not taught to ignore the spectral differences classes are made of (Indian Pines' "
+                   "closest class means differ by 0.14-0.20 std per band). <= 0: unbounded")
+    p.add_argument("--jitter-p", type=float, default=0.8, help="probability of the spectral jitter, per view")
+    p.add_argument("--blur-sigma", type=float, nargs=2, default=None, help="Gaussian blur sigma range in pixels "
+                   "(default: DINOv2's (0.1, 2.0) for 14 px patches, scaled to --patch-size: (0.057, 1.14) at 8)")
+    p.add_argument("--blur-p", type=float, nargs=3, default=(1.0, 0.1, 0.5), help="blur probability of the first "
+                   "global, second global and each local view (DINOv2's)")
+    p.add_argument("--solarize-p", type=float, default=0.0, help="probability of solarizing the second global view "
+                   "(DINOv2: 0.2). Off: it mirrors every normalised band about its mean, erasing whether a band "
+                   "is above or below it, which is what land covers differ by")
     p.add_argument("--batch-size", type=int, default=16, help="tiles per process (each gives 2 + --local-crops views)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=30)
@@ -83,7 +102,29 @@ def parse_args(argv=None):
                                               "patch2": {**models.PRESETS["patch2"], "local_size": 16}})
     if args.blr is None:
         args.blr = {"linear": 2e-3, "sqrt": 4e-3}[args.lr_scaling]
+    if args.momentum is None:
+        args.momentum = (auto_momentum(args.steps), 1.0)
+    if args.blur_sigma is None:
+        args.blur_sigma = tuple(round(s * args.patch_size / 14, 4) for s in (0.1, 2.0))
     return args
+
+
+def auto_momentum(steps, keep=0.01):
+    """The start of a cosine momentum -> 1 schedule that leaves about `keep` of the initial teacher after
+    `steps`: prod(m_t) ~ exp(-(1 - m0) steps / 2), capped at DINOv2's 0.992 for long runs."""
+    return round(min(0.992, 1 - 2 * math.log(1 / keep) / steps), 4)
+
+
+def multi_crop(args, datasets):
+    """The multi-crop of the flags; prints which scenes get no spectral jitter (no value scale)."""
+    if args.jitter_p > 0 and (args.brightness or args.contrast or args.band_gain):
+        data.jitter_notice(datasets, common.print0)
+    return data.MultiCrop(args.img_size, args.local_size, args.local_crops, global_scale=tuple(args.global_scale),
+                          local_scale=tuple(args.local_scale), brightness=args.brightness, contrast=args.contrast,
+                          band_gain=args.band_gain, spread=args.jitter_spread if args.jitter_spread > 0 else None,
+                          jitter_p=args.jitter_p, blur_sigma=tuple(args.blur_sigma),
+                          global_blur_p=tuple(args.blur_p[:2]), local_blur_p=args.blur_p[2],
+                          global_solarize_p=(0.0, args.solarize_p))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -376,7 +417,7 @@ def train(args, rank, world, device):
     ddp = common.wrap_ddp(student, world, find_unused_parameters=args.separate_ibot_head and not args.ibot_weight)
     ddp = torch.compile(ddp) if args.compile else ddp
     teacher_fn = torch.compile(teacher_forward) if args.compile else teacher_forward
-    crops = data.MultiCrop(args.img_size, args.local_size, args.local_crops)
+    crops = multi_crop(args, datasets)
     on_device = args.device_augment if args.device_augment is not None else device.type == "cuda"
     batches = data.augmented_batches(datasets, args.img_size, crops, args.seed, args.batch_size, start, rank, world,
                                      args.workers, device, on_device)

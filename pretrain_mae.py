@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--brightness", type=float, default=0.0, help="global reflectance gain jitter, e.g. 0.1")
     p.add_argument("--contrast", type=float, default=0.0)
     p.add_argument("--band-gain", type=float, default=0.0, help="per-band gain jitter, e.g. 0.02")
+    p.add_argument("--jitter-spread", type=float, default=0.25, help="no band's tile mean moves by more than this "
+                   "share of its within-tile std (pretrain_dino.py's); <= 0: unbounded. The jitter applies to "
+                   "reflectance only: scenes without a value_scale get none, with a printed notice")
     p.add_argument("--image-every", type=int, default=100, help="reconstructions to TensorBoard every N steps")
     p.add_argument("--rgb-bands", type=int, nargs=3, default=None, help="bands shown in pictures (default: true colour)")
     common.add_recipe_args(p, sst=True)
@@ -125,7 +128,10 @@ def train(args, rank, world, device):
     ddp = common.wrap_ddp(model, world)
     ddp = torch.compile(ddp) if args.compile else ddp
     crop = None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale)
-    augment = data.Augment(args.flips, crop, args.brightness, args.contrast, args.band_gain)
+    augment = data.Augment(args.flips, crop, args.brightness, args.contrast, args.band_gain,
+                           args.jitter_spread if args.jitter_spread > 0 else None)
+    if args.brightness or args.contrast or args.band_gain:
+        data.jitter_notice(datasets, common.print0)
     on_device = args.device_augment if args.device_augment is not None else device.type == "cuda"
     batches = data.augmented_batches(datasets, args.img_size, augment, args.seed, args.batch_size, start, rank, world,
                                      args.workers, device, on_device)
