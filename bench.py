@@ -63,8 +63,9 @@ STUDY_BATCH = {("mae", "vit"): 128, ("mae", "ssvit"): 64, ("mae", "sst"): 64, ("
 
 def mae_case(args, backbone, B, device):
     targs = pretrain_mae.parse_args(["--backbone", backbone, "--size", args.size, "--patch-size", str(args.patch)])
-    ds = SimpleNamespace(bands=args.bands, wavelengths=wavelengths(args), band_info=None)
-    model = pretrain_mae.build_model(targs, ds).to(device)
+    wl = wavelengths(args)
+    ds = SimpleNamespace(bands=args.bands, wavelengths=wl, input_wavelengths=wl, band_info=None, grid=None)
+    model = pretrain_mae.build_model(targs, [ds]).to(device)
     x = torch.randn(B, args.bands, 64, 64, device=device)
     return model, model.parameters(), lambda m: m(x)[0], model.flops_per_image()
 

@@ -102,6 +102,21 @@ def add_recipe_args(parser, sst=False):
                        help="sst: LayerNorms before and after the blockwise token embedding, as MaskedSST's reference")
 
 
+def add_scene_sampling_arg(parser):
+    parser.add_argument("--scene-sampling", default="pixels", choices=["pixels", "uniform"], help="with several "
+                        "scenes in --data: draw each tile's scene in proportion to its pixels, or every scene "
+                        "equally often")
+
+
+def add_any_sensor_arg(parser):
+    parser.add_argument("--any-sensor", action="store_true", help="read every scene through one common "
+                        "wavelength grid (data.GRID: 216 points, 360-2510 nm every 10 nm): each sensor's normalised "
+                        "bands are resampled onto it by wavelength (0 where it has no band), so one network reads "
+                        "scenes with any band count and transfers to sensors it never saw, with no per-sensor "
+                        "parameters. Needs wavelengths_nm in every scene's meta.json. A checkpoint trained so "
+                        "makes finetune_seg.py/eval.py --init read data the same way")
+
+
 def parse_with_preset(parser, argv, presets):
     """Parse argv; with --preset NAME, presets[NAME] (argparse names -> values) become the defaults
     and argv is parsed again, so flags given explicitly still win."""
@@ -446,6 +461,25 @@ def checkpoint_bands(path):
     """The file bands a checkpoint's backbone reads (data.HSIDataset.band_info), so that new data is read
     with the same bands; None without a checkpoint or when it does not record them."""
     return None if path is None else load_checkpoint(path, mmap=True)["backbone"].get("bands")
+
+
+def brief(config):
+    """A backbone config for printing: long lists (wavelengths, band ids) as their length."""
+    def short(v):
+        if isinstance(v, dict):
+            return {k: short(x) for k, x in v.items()}
+        return f"<{len(v)} values>" if isinstance(v, list) and len(v) > 8 else v
+    return short(config)
+
+
+def data_bands(args):
+    """How a run reads its data's bands: as its --init checkpoint did; else, with --any-sensor, through the
+    common wavelength grid; else (None) the data's own bands."""
+    bands = checkpoint_bands(args.init)
+    if bands is None and args.any_sensor:
+        from data import ANY_SENSOR  # lazy: common.py does not depend on data.py
+        return ANY_SENSOR
+    return bands
 
 
 def backbone_weights(ckpt, which="teacher"):

@@ -235,6 +235,9 @@ class HSIDataset:
     mean: np.ndarray = field(default=None, repr=False)
     std: np.ndarray = field(default=None, repr=False)
     pca: np.ndarray = field(default=None, repr=False)  # (k, C) projection of normalised bands, see fit_pca
+    fwhm: list = None             # nm, one per band read, or None when unknown
+    grid: dict = None             # the common wavelength grid the bands are resampled onto (attach_grid)
+    grid_matrix: np.ndarray = field(default=None, repr=False)  # (G, C) resampling weights, see attach_grid
 
     @property
     def file_bands(self):
@@ -248,12 +251,21 @@ class HSIDataset:
     @property
     def bands(self):
         """Channels a model sees: the raw bands, or the principal components with PCA."""
+        if self.grid is not None:
+            return self.grid["count"]
         return self.raw_bands if self.pca is None else self.pca.shape[0]
+
+    @property
+    def input_wavelengths(self):
+        """The wavelength of every channel a model sees: the grid's when resampled, else the bands'."""
+        return grid_wavelengths(self.grid).tolist() if self.grid is not None else self.wavelengths
 
     @property
     def band_info(self):
         """What a checkpoint records about its input (build_backbone(bands=...)), so that the next product
         of the same sensor is read with the same bands: the file's band indices and their wavelengths."""
+        if self.grid is not None:  # any sensor: the grid, and the wavelengths this data brought
+            return {"grid": dict(self.grid), "sensors": {self.name: [float(w) for w in self.wavelengths]}}
         ids = list(range(self.file_bands)) if self.band_ids is None else [int(i) for i in self.band_ids]
         return {"ids": ids, "wavelengths": None if self.wavelengths is None else [float(w) for w in self.wavelengths]}
 
@@ -326,11 +338,13 @@ class HSIDataset:
         return out, (y0 - y, x0 - x, y1 - y, x1 - x)
 
     def normalize(self, img):
-        """(x - mean) / std per band, in place; with PCA then projected to (k, h, w) components."""
+        """(x - mean) / std per band, in place; with PCA then projected to (k, h, w) components, on a
+        wavelength grid resampled onto its (G, h, w) points (0 = the mean where the sensor has no band)."""
         img -= self.mean[:, None, None]
         img *= (1 / self.std)[:, None, None]
-        if self.pca is not None:
-            img = np.einsum("kc,chw->khw", self.pca, img, optimize=True).astype(np.float32)
+        projection = self.pca if self.pca is not None else self.grid_matrix
+        if projection is not None:
+            img = np.einsum("kc,chw->khw", projection, img, optimize=True).astype(np.float32)
         return img
 
 
@@ -343,7 +357,7 @@ def load_datasets(spec, split="tr", cache_dir=None, bands=None):
     if not paths:
         raise DataError("--data is empty")
     datasets = [load_dataset(p, split, cache_dir, bands) for p in paths]
-    if bands is None:
+    if bands is None:  # (on a wavelength grid every scene reads its own bands)
         for group in _same_file_bands(datasets):
             shared = sorted(set.intersection(*(set(datasets[i].band_info["ids"]) for i in group)))
             if all(datasets[i].band_info["ids"] == shared for i in group):
@@ -366,7 +380,12 @@ def _same_file_bands(datasets):
 
 def load_dataset(path, split="tr", cache_dir=None, bands=None, why="the checkpoint's band list"):
     """A WHU-OHS split or a scene folder. `bands` (a checkpoint's band_info) fixes the bands read; `why`
-    says where that list comes from in the printed line."""
+    says where that list comes from in the printed line. `bands` with a "grid" (ANY_SENSOR, or what a
+    checkpoint trained on the grid records): all the data's own bands, resampled onto the grid."""
+    if bands is not None and "grid" in bands:
+        ds = attach_grid(load_dataset(path, split, cache_dir), bands["grid"])
+        report_new_bands([ds], bands.get("sensors"))
+        return ds
     if os.path.isfile(path) and path.lower().endswith(FILE_EXTENSIONS):
         raise DataError(f"{path}: a file, not a scene folder; convert it first: "
                         f"python formats.py {path} --out <scene folder> (README: Bring your own scene)")
@@ -438,10 +457,12 @@ def load_scene(path, cache_dir=None, bands=None, why="the checkpoint's band list
         raise DataError(f"{meta_path}: bad_bands must be 0-based band indices 0 .. {image.shape[0] - 1}, "
                         f"got {bad[0] if bad[0] < 0 else bad[-1]}")
     wl = _per_band(meta, "wavelengths_nm", meta_path, image.shape[0], bad)
-    _per_band(meta, "fwhm_nm", meta_path, image.shape[0], bad)
+    if wl is None and (meta.get("sensor"), image.shape[0]) in KNOWN_WAVELENGTHS:
+        wl = list(KNOWN_WAVELENGTHS[meta["sensor"], image.shape[0]])
+    fwhm = _per_band(meta, "fwhm_nm", meta_path, image.shape[0], bad)
     ds = HSIDataset(meta.get("name") or os.path.basename(os.path.abspath(path)),
                     [Raster(image_path, image, label)], num_classes, names, wl,
-                    meta.get("value_scale"), meta.get("nodata"))
+                    meta.get("value_scale"), meta.get("nodata"), fwhm=fwhm)
     choose_bands(ds, cache, bad, bands, why)
     return ds
 
@@ -531,6 +552,7 @@ def choose_bands(ds, cache, bad_bands=(), bands=None, why="the checkpoint's band
     wl_all = ds.wavelengths
     ds.band_ids = cached["band_ids"]
     ds.wavelengths = None if wl_all is None else [wl_all[i] for i in ds.band_ids]
+    ds.fwhm = None if ds.fwhm is None else [ds.fwhm[i] for i in ds.band_ids]
     if ds.wavelengths is not None and None in ds.wavelengths:  # a bad band the checkpoint reads has none
         ds.wavelengths = None
     std = np.asarray(cached["std"], np.float32)
@@ -631,10 +653,107 @@ def _describe(ids, wavelengths=None):
     return ", ".join(out)
 
 
+# ----------------------------------------------------------------------------- any sensor (issue #17)
+
+# Band centres of the two unmixing benchmarks, whose distributed files carry none (../shared/docs/DATA.md):
+# Jasper Ridge = AVIRIS' 224 channels evenly over 380-2500 nm without channels 1-3, 108-112, 154-166 and
+# 220-224 (1-based; water vapour) -> 198; Samson = 156 channels evenly over 401-889 nm (3.13 nm). Used when a
+# scene's meta.json names that sensor, has that band count and no wavelengths_nm.
+_JASPER = [380 + i * (2500 - 380) / 223 for i in range(224)
+           if not (i < 3 or 107 <= i < 112 or 153 <= i < 166 or i >= 219)]
+KNOWN_WAVELENGTHS = {("AVIRIS", 198): _JASPER, ("SAMSON", 156): [401 + i * (889 - 401) / 155 for i in range(156)]}
+
+# The common wavelength grid of the sensor-agnostic backbones: 10 nm steps from 360 to 2510 nm hold every
+# bundled sensor (and WHU-OHS, EnMAP); 216 = 2^3 x 3^3 points split into band groups of 2, 3, 4, 6, 8, 9, 12...
+GRID = {"start": 360.0, "step": 10.0, "count": 216}
+ANY_SENSOR = {"grid": GRID}  # load_datasets(bands=ANY_SENSOR): every scene resampled onto GRID
+
+
+def grid_wavelengths(grid):
+    return grid["start"] + grid["step"] * np.arange(grid["count"])
+
+
+def resampling_matrix(wavelengths, grid, fwhm=None):
+    """(G, C) weights that resample C bands at `wavelengths` (any order) onto the grid, and valid (G,).
+    Band c spreads over a triangle of half-width h_c = max(grid step, its distance to the nearest other
+    band, its FWHM where known) around its centre; grid point g is the weighted mean of the bands whose
+    triangles reach it (valid), else 0 (the band mean of normalised data: no sensor band there, e.g. in
+    the water-absorption gaps). Finer sensors are averaged (no aliasing), coarser ones interpolated; a
+    band's weight depends on its wavelength only, so permuting bands with their wavelengths permutes the
+    columns and leaves the resampled spectrum unchanged."""
+    wl = np.asarray(wavelengths, np.float64)
+    if wl.ndim != 1 or not np.isfinite(wl).all():
+        raise ValueError(f"wavelengths must be finite numbers, got {wavelengths!r}")
+    gaps = np.abs(wl[:, None] - wl[None, :]) + np.diag(np.full(len(wl), np.inf))
+    h = np.maximum(grid["step"], gaps.min(1) if len(wl) > 1 else grid["step"])
+    if fwhm is not None and None not in fwhm:
+        h = np.maximum(h, np.asarray(fwhm, np.float64))
+    w = np.clip(1 - np.abs(grid_wavelengths(grid)[:, None] - wl[None, :]) / h[None, :], 0, None)
+    total = w.sum(1, keepdims=True)
+    valid = total[:, 0] > 0
+    return (w / np.where(valid[:, None], total, 1)).astype(np.float32), valid
+
+
+def attach_grid(ds, grid):
+    """Read ds through the wavelength grid: its normalised bands are resampled onto the grid's points."""
+    if ds.wavelengths is None:
+        raise DataError(f"{ds.name}: a wavelength-aware model (--any-sensor, or a checkpoint trained with it) "
+                        "needs the band wavelengths; add wavelengths_nm to its meta.json")
+    if ds.pca is not None:
+        raise DataError(f"{ds.name}: --pca and --any-sensor exclude each other")
+    ds.grid = dict(grid)
+    ds.grid_matrix, _ = resampling_matrix(ds.wavelengths, grid, ds.fwhm)
+    return ds
+
+
+def grid_coverage(wavelengths_by_sensor, grid):
+    """(G,) bool: the grid points some sensor's bands reach."""
+    covered = np.zeros(grid["count"], bool)
+    for wl in wavelengths_by_sensor:
+        covered |= resampling_matrix(wl, grid)[1]
+    return covered
+
+
+def report_new_bands(datasets, seen):
+    """Print, per scene, which of its grid points no pre-training sensor reached (`seen`: a checkpoint's
+    {sensor: wavelengths}): the model's weights there never saw data."""
+    if not seen:
+        return
+    grid = datasets[0].grid
+    covered, points = grid_coverage(seen.values(), grid), grid_wavelengths(grid)
+    for ds in datasets:
+        mine = ds.grid_matrix.sum(1) > 0
+        new = mine & ~covered
+        where = f" ({_ranges(points[new])} nm)" if new.any() else ""
+        print0(f"{ds.name}: {len(ds.wavelengths)} bands on {int(mine.sum())} grid points; {int(new.sum())} new "
+               f"(not in pre-training on {', '.join(seen)}){where}")
+
+
+def _ranges(points, step=10.0):
+    """'400-450, 1400' from sorted grid points."""
+    out, start = [], None
+    for i, p in enumerate(points):
+        if start is None:
+            start = p
+        if i + 1 == len(points) or points[i + 1] - p > step * 1.01:
+            out.append(f"{start:.0f}" if p == start else f"{start:.0f}-{p:.0f}")
+            start = None
+    return ", ".join(out)
+
+
+def bands_record(datasets):
+    """What a checkpoint records about its training data's bands (build_backbone(bands=...)): one sensor's
+    band_info, or on the grid the grid and every sensor's wavelengths."""
+    if datasets[0].grid is None:
+        return datasets[0].band_info
+    return {"grid": dict(datasets[0].grid), "sensors": {ds.name: ds.band_info["sensors"][ds.name] for ds in datasets}}
+
+
 def check_same_bands(datasets, backbone):
     counts = {d.name: d.bands for d in datasets}
     if len(set(counts.values())) > 1:
-        raise DataError(f"backbone '{backbone}' needs one band count, but the datasets differ: {counts}")
+        raise DataError(f"backbone '{backbone}' needs one band count, but the datasets differ: {counts}; "
+                        "--any-sensor resamples every scene onto one wavelength grid")
     return datasets[0].bands
 
 
@@ -1030,6 +1149,9 @@ def random_subsets(counts, u):
 
 # ----------------------------------------------------------------------------- tiling
 
+SCENE_SAMPLING = ("pixels", "uniform")
+
+
 class RandomTiles(torch.utils.data.Dataset):
     """Random size x size windows cut from all rasters of all datasets (rasters drawn in proportion to
     their area), passed through `augment` (Augment, MultiCrop: anything mapping (img, lab, rng, normalize)
@@ -1037,9 +1159,12 @@ class RandomTiles(torch.utils.data.Dataset):
     less to ship between processes). raw=True: no augmentation here, an item is the raw window (C, size,
     size) in transport_dtype and its (dataset, valid extent) (5,), for DeviceNormalize and the batched
     augmentations on the device. Item i is a pure function of (seed, i) - the same window in both modes -
-    so any number of workers and any resume point give the same samples."""
+    so any number of workers and any resume point give the same samples. sampling: which dataset a
+    window comes from - "pixels" (in proportion to area: every pixel equally likely) or "uniform" (every
+    dataset equally often, e.g. sensors of very different coverage)."""
 
-    def __init__(self, datasets, size, seed=0, augment=None, min_labelled=0, labels=True, raw=False):
+    def __init__(self, datasets, size, seed=0, augment=None, min_labelled=0, labels=True, raw=False,
+                 sampling="pixels"):
         self.datasets, self.size, self.seed, self.augment = datasets, size, seed, augment or Augment()
         self.min_labelled, self.labels, self.raw = min_labelled, labels, raw
         if raw and (min_labelled or labels):
@@ -1047,6 +1172,11 @@ class RandomTiles(torch.utils.data.Dataset):
         self.transport = transport_dtype(datasets) if raw else None
         self.index = [(d, r) for d, ds in enumerate(datasets) for r in range(len(ds.rasters))]
         areas = np.array([np.prod(datasets[d].rasters[r].image.shape[1:]) for d, r in self.index], float)
+        if sampling == "uniform":  # each dataset 1 / len(datasets), its rasters by area within
+            per_dataset = np.bincount([d for d, _ in self.index], areas)
+            areas = areas / per_dataset[[d for d, _ in self.index]]
+        elif sampling != "pixels":
+            raise ValueError(f"unknown scene sampling {sampling!r}; available: {', '.join(SCENE_SAMPLING)}")
         self.cum = np.cumsum(areas / areas.sum())
 
     def __len__(self):
@@ -1088,9 +1218,9 @@ class DeviceNormalize:
     and normalize() give. The datasets' constants go to the device once, here."""
 
     def __init__(self, datasets, device):
-        if any(ds.pca is not None for ds in datasets):
-            raise DataError("batched device-side augmentation does not project bands with PCA; augment in the "
-                            "loader (--no-device-augment)")
+        if any(ds.pca is not None or ds.grid is not None for ds in datasets):
+            raise DataError("batched device-side augmentation does not project bands (PCA, --any-sensor's "
+                            "wavelength grid); augment in the loader (--no-device-augment)")
         on = lambda values, dtype=torch.float32: torch.tensor(np.asarray(values), dtype=dtype, device=device)  # noqa
         self.mean = on(np.stack([ds.mean for ds in datasets]))  # (D, C)
         self.inv_std = on(np.stack([1 / ds.std for ds in datasets]))
@@ -1300,14 +1430,15 @@ def ignore_stop_signals(worker_id):
 
 
 def augmented_batches(datasets, size, augment, seed, batch_size, start_step, rank, world, workers, device,
-                      on_device):
+                      on_device, sampling="pixels"):
     """Each step's augmented, normalised batch on the device, for the pre-training trainers; augment is an
     Augment (-> (B, C, H, W)) or a MultiCrop (-> (2B, C, G, G), (nB, C, L, L), view-major). on_device:
     the workers only cut raw windows and the augmentations run batched on the device, drawn from
     StepRandom(seed, step) - a GPU needs thousands of tiles/s, several times what CPU workers augment;
     else every tile is augmented in the workers (for CPU runs). Same windows and distributions, other
     draws."""
-    tiles = RandomTiles(datasets, size, seed, None if on_device else augment, labels=False, raw=on_device)
+    tiles = RandomTiles(datasets, size, seed, None if on_device else augment, labels=False, raw=on_device,
+                        sampling=sampling)
     normalize = DeviceNormalize(datasets, device) if on_device else None
     loader = StepLoader(tiles, batch_size, start_step, rank, world, workers, device)
 

@@ -206,6 +206,7 @@ def add_backbone_args(p):
                    "network whose backbone is read; student = the DINO student (the teacher of a short run still holds "
                    "much of its random init: pretrain_dino.py prints how much). Other checkpoints hold one network")
     common.add_recipe_args(p, sst=True)  # for random init; with --init the checkpoint's config wins
+    common.add_any_sensor_arg(p)
 
 
 def add_split_args(p):
@@ -240,7 +241,7 @@ def load_backbone(args, ds, **overrides):
         transformer = args.backbone not in ("pixel", "resnet50v1c", "cdcnn")
         options = {} if not transformer else {
             "num_registers": args.registers, "ffn": args.ffn, "spectral_patch": args.spectral_patch,
-            "wavelengths": None if getattr(args, "pca", None) else ds.wavelengths, "init": args.init_scheme,
+            "wavelengths": None if getattr(args, "pca", None) else ds.input_wavelengths, "init": args.init_scheme,
             "pos_embed": args.pos_embed, "block_order": args.block_order, "embed_norm": args.embed_norm, **overrides}
         return build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size, bands=ds.band_info,
                               **options), None
@@ -249,11 +250,11 @@ def load_backbone(args, ds, **overrides):
     common.check_bands(config, ds.bands, args.init, ds.name)
     backbone = build_backbone(**config)
     if args.twin:
-        common.print0(f"random twin of {args.init}: backbone {config}, random weights")
+        common.print0(f"random twin of {args.init}: backbone {common.brief(config)}, random weights")
     else:
         backbone.load_state_dict(common.backbone_weights(ckpt, args.init_weights))
         which = " (student)" if args.init_weights == "student" else ""
-        common.print0(f"backbone {config} from {args.init}{which} (step {ckpt['step']})")
+        common.print0(f"backbone {common.brief(config)} from {args.init}{which} (step {ckpt['step']})")
     return backbone, ckpt
 
 
@@ -311,7 +312,7 @@ def run_probe(args, device, dtype):
     """k-NN or linear probe of a frozen backbone on a scene's sparse-label split -> metrics."""
     torch.manual_seed(args.seed)  # a --twin's random weights
     ds, train, test, classes, info = split_scene(args, data.load_dataset(args.data, "tr", args.cache_dir,
-                                                                      common.checkpoint_bands(args.init)))
+                                                                      common.data_bands(args)))
     if args.backbone == "cdcnn" or args.init and common.load_checkpoint(args.init)["backbone"]["name"] == "cdcnn":
         raise ValueError("cdcnn gets a new first layer for every scene, so it has no frozen representation to "
                          "probe; evaluate it fine-tuned (finetune_seg.py)")

@@ -122,7 +122,7 @@ def check_head(path, head):
 def splits(args, ds, out, resume):
     """(training dataset, evaluation dataset, evaluation label mask or None, kept classes or None)."""
     if ds.kind == "whu":
-        return ds, data.load_whu(args.data, "val", args.cache_dir, common.checkpoint_bands(args.init)), None, None
+        return ds, data.load_dataset(args.data, "val", args.cache_dir, common.data_bands(args)), None, None
     split_path = os.path.join(out, "split.npz")
     if resume:
         train, test, info = data.load_split(split_path, ds.rasters[0].image.shape[1:])
@@ -228,7 +228,7 @@ def train(args, rank, world, device):
     common.seed_everything(args.seed, rank)
     dtype = common.resolve_dtype(args.dtype, device)
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
-    datasets = data.load_datasets(args.data, "tr", args.cache_dir, common.checkpoint_bands(args.init))
+    datasets = data.load_datasets(args.data, "tr", args.cache_dir, common.data_bands(args))
     if len(datasets) != 1 or datasets[0].num_classes == 0:
         raise data.DataError(f"{args.data}: finetune_seg.py needs exactly one labelled dataset")
     train_ds, eval_ds, eval_mask, classes = splits(args, datasets[0], args.out, args.resume)

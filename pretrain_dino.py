@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
     p.add_argument("--teacher-temp-warmup-steps", type=int, default=100)
     p.add_argument("--momentum", type=float, nargs=2, default=None, help="teacher EMA, cosine start/end. Default: "
-                   "min(0.992, 1 - 2 ln(100) / steps) -> 1, which leaves ~1%% of the random initial teacher in the "
+                   "min(0.992, max(0.9, 1 - 2 ln(100) / steps)) -> 1, which leaves ~1%% of the random initial teacher in the "
                    "saved one (printed at start; the probe reads the teacher). DINOv2's 0.992 -> 1 is for 125k "
                    "iterations: over 300 steps it leaves ~30%%. Or probe the student (--init-weights student)")
     # The multi-crop (data.MultiCrop), every knob: DINOv2's values where they fit HSI, changed where they do not.
@@ -96,6 +96,8 @@ def parse_args(argv=None):
                    "batched on the device, the loader workers only cut raw windows (default: on with CUDA, off on "
                    "CPU); a GPU needs ~10x more tiles/s than CPU workers multi-crop")
     common.add_recipe_args(p)
+    common.add_any_sensor_arg(p)
+    common.add_scene_sampling_arg(p)
     common.add_run_args(p, out="runs/dino")
     # The patch presets; patch2's 32 px global crops take 16 px local crops (the same 1:2 ratio).
     args = common.parse_with_preset(p, argv, {"patch4": models.PRESETS["patch4"],
@@ -111,8 +113,9 @@ def parse_args(argv=None):
 
 def auto_momentum(steps, keep=0.01):
     """The start of a cosine momentum -> 1 schedule that leaves about `keep` of the initial teacher after
-    `steps`: prod(m_t) ~ exp(-(1 - m0) steps / 2), capped at DINOv2's 0.992 for long runs."""
-    return round(min(0.992, 1 - 2 * math.log(1 / keep) / steps), 4)
+    `steps`: prod(m_t) ~ exp(-(1 - m0) steps / 2), capped at DINOv2's 0.992 for long runs and kept >= 0.9
+    for very short ones (under ~90 steps the teacher then keeps more than `keep`)."""
+    return round(min(0.992, max(0.9, 1 - 2 * math.log(1 / keep) / steps)), 4)
 
 
 def multi_crop(args, datasets):
@@ -391,9 +394,10 @@ def train(args, rank, world, device):
     common.seed_everything(args.seed)  # the same initial student on every rank, so the same teacher copy
     dtype = common.resolve_dtype(args.dtype, device)
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
-    datasets = data.load_datasets(args.data, args.split, args.cache_dir)
+    datasets = data.load_datasets(args.data, args.split, args.cache_dir, data.ANY_SENSOR if args.any_sensor else None)
     in_chans = data.check_same_bands(datasets, args.backbone)
-    student, teacher = (m.to(device) for m in build(args, in_chans, datasets[0].wavelengths, datasets[0].band_info))
+    student, teacher = (m.to(device) for m in build(args, in_chans, datasets[0].input_wavelengths,
+                                                                   data.bands_record(datasets)))
     common.seed_everything(args.seed, rank)  # then per-rank streams (stochastic depth)
     criterion = DINOLoss(args, args.prototypes, student.backbone.streams).to(device)
     lr = common.scaled_lr(args.blr, args.batch_size, world, rule=args.lr_scaling)
@@ -420,7 +424,7 @@ def train(args, rank, world, device):
     crops = multi_crop(args, datasets)
     on_device = args.device_augment if args.device_augment is not None else device.type == "cuda"
     batches = data.augmented_batches(datasets, args.img_size, crops, args.seed, args.batch_size, start, rank, world,
-                                     args.workers, device, on_device)
+                                     args.workers, device, on_device, args.scene_sampling)
     peak, source = common.peak_tflops(device, dtype)
     flops = flops_per_tile(args, student)
     common.print0(f"{flops / 1e9:.2f} GFLOP per tile (training) | peak {peak or 0:.1f} TFLOP/s ({source})")

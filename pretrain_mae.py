@@ -77,14 +77,17 @@ def parse_args(argv=None):
     p.add_argument("--image-every", type=int, default=100, help="reconstructions to TensorBoard every N steps")
     p.add_argument("--rgb-bands", type=int, nargs=3, default=None, help="bands shown in pictures (default: true colour)")
     common.add_recipe_args(p, sst=True)
+    common.add_any_sensor_arg(p)
+    common.add_scene_sampling_arg(p)
     common.add_run_args(p, out="runs/mae")
     return common.parse_with_preset(p, argv, PRESETS)
 
 
-def build_model(args, ds):
+def build_model(args, datasets):
+    ds = datasets[0]
     encoder = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
                              num_registers=args.registers, ffn=args.ffn, spectral_patch=args.spectral_patch,
-                             wavelengths=ds.wavelengths, bands=ds.band_info, init=args.init_scheme,
+                             wavelengths=ds.input_wavelengths, bands=data.bands_record(datasets), init=args.init_scheme,
                              pos_embed=args.pos_embed, block_order=args.block_order, embed_norm=args.embed_norm)
     if args.backbone == "sst":
         return SimMIM(encoder, args.mask_ratio or 0.7, args.mask_block)
@@ -114,9 +117,9 @@ def train(args, rank, world, device):
     common.seed_everything(args.seed, rank)
     dtype = common.resolve_dtype(args.dtype, device)
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
-    datasets = data.load_datasets(args.data, args.split, args.cache_dir)
+    datasets = data.load_datasets(args.data, args.split, args.cache_dir, data.ANY_SENSOR if args.any_sensor else None)
     in_chans = data.check_same_bands(datasets, args.backbone)
-    model = build_model(args, datasets[0]).to(device)
+    model = build_model(args, datasets).to(device)
     lr = common.scaled_lr(args.blr, args.batch_size, world)
     common.print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {in_chans} bands | "
                   f"lr {lr:.2e} (blr {args.blr} x {args.batch_size * world} / 256) | {dtype} on {device}")
@@ -134,7 +137,7 @@ def train(args, rank, world, device):
         data.jitter_notice(datasets, common.print0)
     on_device = args.device_augment if args.device_augment is not None else device.type == "cuda"
     batches = data.augmented_batches(datasets, args.img_size, augment, args.seed, args.batch_size, start, rank, world,
-                                     args.workers, device, on_device)
+                                     args.workers, device, on_device, args.scene_sampling)
     bands = args.rgb_bands or data.display_bands(datasets[0])
     peak, source = common.peak_tflops(device, dtype)
     flops = model.flops_per_image()

@@ -263,6 +263,7 @@ def test_momentum_schedule_and_initial_teacher_share():
     assert all(a <= b for a, b in zip(default, default[1:]))
     assert 0.005 < pretrain_dino.initial_teacher_share(default) < 0.02
     assert pretrain_dino.parse_args(["--steps", "125000"]).momentum == (0.992, 1.0)  # DINOv2's, for its length
+    assert pretrain_dino.parse_args(["--steps", "4"]).momentum == (0.9, 1.0)  # never below 0.9
     dinov2 = pretrain_dino.parse_args(["--momentum", "0.992", "1"])
     assert pretrain_dino.initial_teacher_share(common.cosine_schedule(*dinov2.momentum, 300)) == pytest.approx(
         0.30, abs=0.01)  # issue #13's ~30%
