@@ -135,7 +135,7 @@ def train(args, rank, world, device):
                            args.jitter_spread if args.jitter_spread > 0 else None)
     if args.brightness or args.contrast or args.band_gain:
         data.jitter_notice(datasets, common.print0)
-    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda"
+    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda" and not args.any_sensor
     batches = data.augmented_batches(datasets, args.img_size, augment, args.seed, args.batch_size, start, rank, world,
                                      args.workers, device, on_device, args.scene_sampling)
     bands = args.rgb_bands or data.display_bands(datasets[0])
