@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto")
     p.add_argument("--loader", action="store_true", help="measure the data pipeline instead (needs --data)")
+    p.add_argument("--any-sensor", action="store_true", help="--loader: read --data through the wavelength grid "
+                   "(several sensors mixed in every batch; per tile in the workers only)")
     p.add_argument("--data", default="data/indian_pines")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     common.add_debug_arg(p)
@@ -188,15 +190,16 @@ def bench_loader(args):
     pretrain_dino.py read), per augmentation, where it runs (per tile in the loader workers, or batched
     on --device with the workers only cutting raw windows) and worker count."""
     _, _, device = common.init_distributed(args.device)
-    datasets, B = data.load_datasets(args.data), args.batch_size or 32
+    datasets = data.load_datasets(args.data, bands=data.ANY_SENSOR if args.any_sensor else None)
+    B = args.batch_size or 32
     views = {"cut only": data.Augment(), "MAE augment (flips + random resized crop)": data.Augment(True, (0.2, 1.0)),
-             "DINO multi-crop (2 global + 8 local, jitter, blur, solarize)": data.MultiCrop(64, 32, 8)}
+             "DINO multi-crop (2 global + 8 local, jitter, blur)": data.MultiCrop(64, 32, 8)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"{args.data} | batch {B} | device {device} | torch threads {torch.get_num_threads()}")
     print("| pipeline | augmented | workers | tiles/s |")
     print("|---|---|---|---|")
     raw = data.RandomTiles(datasets, 64, 0, labels=False, raw=True)
-    for workers in args.workers:  # what the workers do with --device-augment, whatever the augmentation
+    for workers in [] if args.any_sensor else args.workers:  # the workers' part with --device-augment
         batches = iter(data.StepLoader(raw, B, 0, 0, 1, workers, device))
         next(batches)
         t0 = time.perf_counter()
@@ -205,7 +208,7 @@ def bench_loader(args):
         print(f"| raw windows only (the workers' part with --device-augment) | - | {workers} | "
               f"{args.steps * 4 * B / (time.perf_counter() - t0):.0f} |", flush=True)
     for name, augment in views.items():
-        for on_device in (False, True):
+        for on_device in (False,) if args.any_sensor else (False, True):  # the device path does not resample
             for workers in args.workers:
                 batches = data.augmented_batches(datasets, 64, augment, 0, B, 0, 0, 1, workers, device, on_device)
                 next(batches)  # workers started
