@@ -845,10 +845,11 @@ def spectral_jitter(img, rng, brightness=0.0, contrast=0.0, band_gain=0.0, sprea
     return ((mean + c * (img - mean)) * gain[:, None, None]).astype(np.float32)
 
 
-def jitter_notice(datasets, say=print):
-    """Say which scenes get no spectral jitter (see Augment): those without a value scale."""
+def jitter_notice(datasets, augment, say=print):
+    """Say which scenes get no spectral jitter from `augment` (an Augment or MultiCrop that jitters): those
+    without a value scale."""
     raw = [ds.name for ds in datasets if ds.value_scale is None]
-    if raw:
+    if raw and augment.jitters:
         say(f"notice: no spectral jitter on {', '.join(raw)}: no value_scale in meta.json, so the values are not "
             "reflectance and a gain would be no physical change")
 
@@ -883,6 +884,10 @@ class Augment:
     band_gain: float = 0.0
     spread: float = None          # spectral_jitter's bound
 
+    @property
+    def jitters(self):
+        return bool(self.brightness or self.contrast or self.band_gain)
+
     def __call__(self, img, lab, rng, normalize, reflectance=True):
         """reflectance: img is in reflectance (its scene has a value scale); the spectral jitter applies to
         reflectance only - on sensor counts with an offset a gain is no physical change."""
@@ -890,7 +895,7 @@ class Augment:
             img, lab = dihedral([img, lab], rng)
         if self.crop_scale is not None:
             img, lab = random_resized_crop(img, lab, rng, img.shape[-1], self.crop_scale)
-        if (self.brightness or self.contrast or self.band_gain) and reflectance:
+        if self.jitters and reflectance:
             img = spectral_jitter(img, rng, self.brightness, self.contrast, self.band_gain, self.spread)
         return torch.from_numpy(normalize(img)), torch.from_numpy(lab)
 
@@ -903,7 +908,7 @@ class Augment:
             crop = self.crop_scale is not None
             boxes = crop_boxes(rnd.uniform(2 * CROP_TRIES + 2), self.crop_scale) if crop else full_boxes(B, device)
             x = resample(x, boxes, dihedral_index(rnd.uniform()) if self.flips else None, x.shape[-1])
-        if self.brightness or self.contrast or self.band_gain:
+        if self.jitters:
             x = batch_jitter(x, rnd.uniform(2 + C), self.brightness, self.contrast, self.band_gain,
                              normalize.reflectance[d], self.spread)
         return normalize(x, d)
@@ -937,6 +942,10 @@ class MultiCrop:
     global_blur_p: tuple = (1.0, 0.1)
     local_blur_p: float = 0.5
     global_solarize_p: tuple = (0.0, 0.0)
+
+    @property
+    def jitters(self):
+        return self.jitter_p > 0 and bool(self.brightness or self.contrast or self.band_gain)
 
     def view(self, img, lab, rng, normalize, size, scale, blur_p, solarize_p, reflectance):
         v, _ = random_resized_crop(img, lab, rng, size, scale)

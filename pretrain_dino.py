@@ -120,14 +120,14 @@ def auto_momentum(steps, keep=0.01):
 
 def multi_crop(args, datasets):
     """The multi-crop of the flags; prints which scenes get no spectral jitter (no value scale)."""
-    if args.jitter_p > 0 and (args.brightness or args.contrast or args.band_gain):
-        data.jitter_notice(datasets, common.print0)
-    return data.MultiCrop(args.img_size, args.local_size, args.local_crops, global_scale=tuple(args.global_scale),
+    crops = data.MultiCrop(args.img_size, args.local_size, args.local_crops, global_scale=tuple(args.global_scale),
                           local_scale=tuple(args.local_scale), brightness=args.brightness, contrast=args.contrast,
                           band_gain=args.band_gain, spread=args.jitter_spread if args.jitter_spread > 0 else None,
                           jitter_p=args.jitter_p, blur_sigma=tuple(args.blur_sigma),
                           global_blur_p=tuple(args.blur_p[:2]), local_blur_p=args.blur_p[2],
                           global_solarize_p=(0.0, args.solarize_p))
+    data.jitter_notice(datasets, crops, common.print0)
+    return crops
 
 
 # ----------------------------------------------------------------------------- losses

@@ -133,8 +133,7 @@ def train(args, rank, world, device):
     crop = None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale)
     augment = data.Augment(args.flips, crop, args.brightness, args.contrast, args.band_gain,
                            args.jitter_spread if args.jitter_spread > 0 else None)
-    if args.brightness or args.contrast or args.band_gain:
-        data.jitter_notice(datasets, common.print0)
+    data.jitter_notice(datasets, augment, common.print0)
     on_device = args.device_augment if args.device_augment is not None else device.type == "cuda" and not args.any_sensor
     batches = data.augmented_batches(datasets, args.img_size, augment, args.seed, args.batch_size, start, rank, world,
                                      args.workers, device, on_device, args.scene_sampling)
