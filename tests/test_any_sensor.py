@@ -15,8 +15,8 @@ import pretrain_dino
 import pretrain_mae
 from conftest import write_scene
 from models import MAE, SimMIM, build_backbone
-from test_pretrain_dino import dino_args
-from test_pretrain_mae import ROOT, Interrupt, args_for, losses
+from test_pretrain_dino import dino_args, interrupt_at_call
+from test_pretrain_mae import ROOT, Interrupt, args_for, fail_at_call, losses
 
 # Three fake sensors: different band counts, ranges and spacings (one finer than the grid, one coarser).
 SENSORS = {"a": np.linspace(400, 1000, 12), "b": np.linspace(450, 2400, 20), "c": np.linspace(380, 900, 90)}
@@ -89,16 +89,10 @@ def test_one_model_three_sensors_resumes_exactly(tmp_path, cache_dir, monkeypatc
     scenes = three_sensors(tmp_path)
     flags = ["--any-sensor", "--scene-sampling", "uniform", *backbone]
     pretrain_mae.main(args_for(scenes, tmp_path / "full", cache_dir, 6, *flags))
-    model, calls = (SimMIM if backbone[1] == "sst" else MAE), [0]
-    real = model.forward
-
-    def forward(self, *a, **kw):  # dies during step 5, after the step-3 checkpoint
-        calls[0] += 1
-        if calls[0] == 5:
-            raise Interrupt()
-        return real(self, *a, **kw)
+    def interrupt(result):
+        raise Interrupt()
     with monkeypatch.context() as m:
-        m.setattr(model, "forward", forward)
+        fail_at_call(m, 5, interrupt, SimMIM if backbone[1] == "sst" else MAE)  # in step 5, after step 3's checkpoint
         with pytest.raises(Interrupt):
             pretrain_mae.main(args_for(scenes, tmp_path / "cut", cache_dir, 6, *flags))
     pretrain_mae.main(args_for(scenes, tmp_path / "cut", cache_dir, 6, *flags, "--resume"))
@@ -165,15 +159,8 @@ def test_dino_on_three_sensors(tmp_path, cache_dir, monkeypatch, backbone):
     """DINOv2 with mixed-sensor batches: multi-crop per sensor, every view on the grid; resumes exactly."""
     scenes, flags = three_sensors(tmp_path), ["--any-sensor", "--backbone", *backbone]
     pretrain_dino.main(dino_args(scenes, tmp_path / "full", cache_dir, 4, 4, *flags))
-    real, calls = pretrain_dino.Student.forward, [0]
-
-    def forward(self, *a, **k):  # dies in step 3, after the step-2 checkpoint
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
     with monkeypatch.context() as m:
-        m.setattr(pretrain_dino.Student, "forward", forward)
+        interrupt_at_call(m, 3)  # dies in step 3, after the step-2 checkpoint
         with pytest.raises(KeyboardInterrupt):
             pretrain_dino.main(dino_args(scenes, tmp_path / "cut", cache_dir, 4, 4, *flags))
     pretrain_dino.main(dino_args(scenes, tmp_path / "cut", cache_dir, 4, 4, *flags, "--resume"))

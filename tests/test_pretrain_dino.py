@@ -123,19 +123,25 @@ def test_teacher_gets_no_gradients_and_follows_ema(scene, cache_dir, tmp_path):
         assert key in rows[2], key
 
 
-@pytest.mark.parametrize("pipeline", ["--no-device-augment", "--device-augment"])
-def test_resume_after_interruption_matches(scene, cache_dir, tmp_path, monkeypatch, pipeline):
-    """Bit for bit, with the multi-crop in the loader or batched on the device (here the CPU)."""
-    pretrain_dino.main(dino_args(scene, tmp_path / "full", cache_dir, 4, 4, pipeline))
+def interrupt_at_call(monkeypatch, n):
+    """The n-th student forward raises KeyboardInterrupt (with --ckpt-every 2, call 3 dies after the step-2
+    checkpoint)."""
     real, calls = pretrain_dino.Student.forward, [0]
 
     def forward(self, *a, **k):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == n:
             raise KeyboardInterrupt
         return real(self, *a, **k)
+    monkeypatch.setattr(pretrain_dino.Student, "forward", forward)
+
+
+@pytest.mark.parametrize("pipeline", ["--no-device-augment", "--device-augment"])
+def test_resume_after_interruption_matches(scene, cache_dir, tmp_path, monkeypatch, pipeline):
+    """Bit for bit, with the multi-crop in the loader or batched on the device (here the CPU)."""
+    pretrain_dino.main(dino_args(scene, tmp_path / "full", cache_dir, 4, 4, pipeline))
     with monkeypatch.context() as m:
-        m.setattr(pretrain_dino.Student, "forward", forward)
+        interrupt_at_call(m, 3)
         with pytest.raises(KeyboardInterrupt):
             pretrain_dino.main(dino_args(scene, tmp_path / "cut", cache_dir, 4, 4, pipeline))
     pretrain_dino.main(dino_args(scene, tmp_path / "cut", cache_dir, 4, 4, pipeline, "--resume"))

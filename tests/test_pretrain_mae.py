@@ -30,15 +30,15 @@ class Interrupt(Exception):
     pass
 
 
-def fail_at_call(monkeypatch, n, make_result):
-    """Make the n-th MAE forward call return make_result(real result)."""
-    real, calls = MAE.forward, [0]
+def fail_at_call(monkeypatch, n, make_result, model=MAE):
+    """Make the n-th forward call of `model` (MAE, or SimMIM for sst) return make_result(real result)."""
+    real, calls = model.forward, [0]
 
-    def forward(self, x):
+    def forward(self, *a, **kw):
         calls[0] += 1
-        result = real(self, x)
+        result = real(self, *a, **kw)
         return make_result(result) if calls[0] == n else result
-    monkeypatch.setattr(MAE, "forward", forward)
+    monkeypatch.setattr(model, "forward", forward)
 
 
 @pytest.mark.parametrize("pipeline", ["--no-device-augment", "--device-augment"])
