@@ -194,7 +194,7 @@ def add_backbone_args(p):
     p.add_argument("--backbone", default="vit", help="vit | ssvit | sst | pixel (the per-pixel spectrum) | "
                    "resnet50v1c (with --decoder deeplabv3plus) | cdcnn (cross-domain CNN: a new first layer for this "
                    "scene, the trunk from --init or random; always fine-tuned)")
-    p.add_argument("--size", default="tiny")
+    p.add_argument("--size", default="tiny", help="micro | tiny | small | base (models.VIT_SIZES)")
     p.add_argument("--img-size", type=int, default=64, help="tile size (training tiles and inference windows)")
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--spectral-patch", type=int, default=None, help="ssvit/sst: bands per spectral token")

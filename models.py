@@ -13,11 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 VIT_SIZES = {  # embed_dim, depth, heads
+    "micro": (96, 8, 8),     # MaskedSST's model (configs/config.yaml: 96-d, 8 heads, 4 spatial + 4 spectral blocks)
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),   # the study's ViT-B
 }
 MAE_DECODER_SIZES = {  # decoder dim, depth, heads; base = the MAE paper's 512-d, 8 blocks
+    "micro": (96, 4, 4),
     "tiny": (128, 4, 4),
     "small": (256, 4, 8),
     "base": (512, 8, 16),
@@ -719,9 +721,10 @@ LEGACY_OPTIONS = {"init": "trunc_normal", "pos_embed": "learned", "block_order":
 PRESETS = {
     # MaskedSST's configs (HSG-AIML/MaskedSST configs/*.yaml, src/vit_spatial_spectral.py): 1 x 1 pixel x
     # 10 band tokens on 8 x 8 windows, spatial blocks before spectral ones, LayerNorms around the blockwise
-    # embedding. pretrain_mae.py adds its pre-training augmentation (flips, no random resized crop) and
-    # SimMIM masks of 4 x 4 pixels.
-    "maskedsst": dict(backbone="sst", patch_size=1, spectral_patch=10, img_size=8, block_order="spatial-first",
+    # embedding, and its model size (micro: 96-d, 4 + 4 blocks; at tiny a window costs 6x the FLOPs).
+    # pretrain_mae.py adds its pre-training augmentation (flips, no random resized crop) and SimMIM masks
+    # of 4 x 4 pixels.
+    "maskedsst": dict(backbone="sst", size="micro", patch_size=1, spectral_patch=10, img_size=8, block_order="spatial-first",
                       embed_norm=True),
     # Smaller patches for sharper maps (issue #15). patch4 keeps 64 px tiles: a 16 x 16 token grid, 4x the
     # tokens of patch 8 (~4x the block FLOPs, more in attention). patch2 cuts 32 px tiles so the grid stays
@@ -732,7 +735,7 @@ PRESETS = {
 
 
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
-    """The one factory every script uses: vit | ssvit | sst at size tiny | small | base, pixel, the CNN
+    """The one factory every script uses: vit | ssvit | sst at size micro | tiny | small | base, pixel, the CNN
     baseline resnet50v1c (for `--decoder deeplabv3plus`), or cdcnn (in_chans = {domain: bands}).
     Options a backbone does not have must be None (so a script can pass e.g. `spectral_patch=None` to
     any backbone). The returned module carries `.config`, which checkpoints store and

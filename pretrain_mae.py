@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
     p.add_argument("--split", default="tr", help="WHU-OHS split to pre-train on (ignored for scene folders)")
     p.add_argument("--backbone", default="vit", help="vit | ssvit (spatial-spectral ViT) | sst (MaskedSST-style)")
-    p.add_argument("--size", default="tiny", help="tiny | small | base (base = the study's ViT-B)")
+    p.add_argument("--size", default="tiny", help="micro | tiny | small | base (base = the study's ViT-B; micro = MaskedSST's 96-d model)")
     p.add_argument("--img-size", type=int, default=64, help="tile size in pixels; tiles are cut, never resized")
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--spectral-patch", type=int, default=None, help="bands per spectral token: ssvit band groups "

@@ -167,12 +167,12 @@ def test_maskedsst_preset_tokens_order_and_norms():
     assert pretrain_mae.parse_args(["--preset", "maskedsst", "--img-size", "16"]).img_size == 16  # flags win
     seg = finetune_seg.parse_args(["--preset", "maskedsst"])
     assert {k: getattr(seg, k) for k in PRESETS["maskedsst"]} == PRESETS["maskedsst"]
-    sst = build_backbone(args.backbone, "tiny", 200, args.img_size, args.patch_size, spectral_patch=args.spectral_patch,
+    sst = build_backbone(args.backbone, args.size, 200, args.img_size, args.patch_size, spectral_patch=args.spectral_patch,
                          block_order=args.block_order, embed_norm=args.embed_norm).eval()
     x = torch.randn(2, 200, 8, 8)
-    assert sst.forward_tokens(x).shape == (2, 20, 64, 192)  # 20 spectral blocks x 64 pixels
-    assert [b.axis for b in sst.blocks] == ["spatial"] * 6 + ["spectral"] * 6
-    assert sst.embed_pre_norm.normalized_shape == (10,) and sst.embed_post_norm.normalized_shape == (192,)
+    assert sst.forward_tokens(x).shape == (2, 20, 64, 96)  # 20 spectral blocks x 64 pixels, the reference's 96-d
+    assert [b.axis for b in sst.blocks] == ["spatial"] * 4 + ["spectral"] * 4  # the reference's 4 + 4 blocks
+    assert sst.embed_pre_norm.normalized_shape == (10,) and sst.embed_post_norm.normalized_shape == (96,)
     assert sst.config["block_order"] == "spatial-first" and sst.config["embed_norm"] is True
     assert build_backbone(**sst.config).embed_pre_norm is not None
     # The pre-norm sees each token's raw values: a token's offset and scale do not reach the encoder.
