@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 import common
 import data
 from data import IGNORE_INDEX
-from models import SegmentationModel, backbone_depth, build_backbone
+from models import VIT_SIZES, SegmentationModel, backbone_depth, build_backbone
 
 PALETTE = np.array([  # fixed class colours; index = class id
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -194,7 +194,7 @@ def add_backbone_args(p):
     p.add_argument("--backbone", default="vit", help="vit | ssvit | sst | pixel (the per-pixel spectrum) | "
                    "resnet50v1c (with --decoder deeplabv3plus) | cdcnn (cross-domain CNN: a new first layer for this "
                    "scene, the trunk from --init or random; always fine-tuned)")
-    p.add_argument("--size", default="tiny", help="micro | tiny | small | base (models.VIT_SIZES)")
+    p.add_argument("--size", default="tiny", help=" | ".join(VIT_SIZES))
     p.add_argument("--img-size", type=int, default=64, help="tile size (training tiles and inference windows)")
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--spectral-patch", type=int, default=None, help="ssvit/sst: bands per spectral token")

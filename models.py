@@ -724,8 +724,8 @@ PRESETS = {
     # embedding, and its model size (micro: 96-d, 4 + 4 blocks; at tiny a window costs 6x the FLOPs).
     # pretrain_mae.py adds its pre-training augmentation (flips, no random resized crop) and SimMIM masks
     # of 4 x 4 pixels.
-    "maskedsst": dict(backbone="sst", size="micro", patch_size=1, spectral_patch=10, img_size=8, block_order="spatial-first",
-                      embed_norm=True),
+    "maskedsst": dict(backbone="sst", size="micro", patch_size=1, spectral_patch=10, img_size=8,
+                      block_order="spatial-first", embed_norm=True),
     # Smaller patches for sharper maps (issue #15). patch4 keeps 64 px tiles: a 16 x 16 token grid, 4x the
     # tokens of patch 8 (~4x the block FLOPs, more in attention). patch2 cuts 32 px tiles so the grid stays
     # 16 x 16: patch4's cost at half the context. Position embeddings follow the grid (img_size / patch).

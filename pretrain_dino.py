@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--split", default="tr")
     p.add_argument("--backbone", default="vit", help="vit | ssvit (spatial-spectral ViT: DINO and iBOT on "
                    "both streams, averaged)")
-    p.add_argument("--size", default="tiny", help="micro | tiny | small | base (models.VIT_SIZES)")
+    p.add_argument("--size", default="tiny", help=" | ".join(models.VIT_SIZES))
     p.add_argument("--img-size", type=int, default=64, help="tile and global-crop size")
     p.add_argument("--local-size", type=int, default=32)
     p.add_argument("--local-crops", type=int, default=4, help="local crops per tile (DINOv2: 8)")

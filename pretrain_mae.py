@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
     p.add_argument("--split", default="tr", help="WHU-OHS split to pre-train on (ignored for scene folders)")
     p.add_argument("--backbone", default="vit", help="vit | ssvit (spatial-spectral ViT) | sst (MaskedSST-style)")
-    p.add_argument("--size", default="tiny", help="micro | tiny | small | base (base = the study's ViT-B; micro = MaskedSST's 96-d model)")
+    p.add_argument("--size", default="tiny", help=f"{' | '.join(models.VIT_SIZES)} (base = the study's ViT-B; "
+                   "micro = MaskedSST's 96-d model)")
     p.add_argument("--img-size", type=int, default=64, help="tile size in pixels; tiles are cut, never resized")
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--spectral-patch", type=int, default=None, help="bands per spectral token: ssvit band groups "
@@ -47,11 +48,11 @@ def parse_args(argv=None):
                    "(MaskedSST: 4 with 1-pixel patches; single masked pixels are filled in from their neighbours)")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised targets (MAE paper: better representations)")
-    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size (tiny 128, small 256, base 512 "
+    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size (micro 96, tiny 128, small 256, base 512 "
                    "as the MAE paper). The decoder must be large enough for the encoder: a tiny one (128 x 4 at tiny) "
                    "leaves the reconstruction to the encoder's last blocks, whose features then suit pixels, not "
                    "probes (MAE paper Table 1a: deeper decoders give better linear probes)")
-    p.add_argument("--decoder-depth", type=int, default=None, help="default by --size (tiny/small 4, base 8 as the "
+    p.add_argument("--decoder-depth", type=int, default=None, help="default by --size (micro/tiny/small 4, base 8 as the "
                    "MAE paper); see --decoder-dim")
     p.add_argument("--decoder-heads", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
