@@ -48,8 +48,8 @@ def parse_args(argv=None):
                    "(MaskedSST: 4 with 1-pixel patches; single masked pixels are filled in from their neighbours)")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised targets (MAE paper: better representations)")
-    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size (micro 96, tiny 128, small 256, base 512 "
-                   "as the MAE paper). The decoder must be large enough for the encoder: a tiny one (128 x 4 at tiny) "
+    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size (micro 96, tiny 128, small 256, "
+                   "base 512 as the MAE paper). The decoder must be large enough for the encoder: a tiny one (128 x 4 at tiny) "
                    "leaves the reconstruction to the encoder's last blocks, whose features then suit pixels, not "
                    "probes (MAE paper Table 1a: deeper decoders give better linear probes)")
     p.add_argument("--decoder-depth", type=int, default=None, help="default by --size (micro/tiny/small 4, base 8 as the "
