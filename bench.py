@@ -34,7 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--frozen", action="store_true", help="seg: frozen backbone (linear probe) instead of fine-tuning")
     p.add_argument("--full-res", action=argparse.BooleanOptionalAction, default=True, help="seg: the decoders' "
                    "full-resolution path (finetune_seg.py's default)")
-    p.add_argument("--upsample", default="bilinear", help="seg: bilinear | guided (finetune_seg.py --upsample)")
     p.add_argument("--patch-sizes", default="8", help="comma list of transformer patch sizes, e.g. 8,4,2 (64 px tiles)")
     p.add_argument("--size", default="tiny")
     p.add_argument("--bands", type=int, default=32, help="WHU-OHS: 32")
@@ -93,11 +92,11 @@ def seg_case(args, backbone, B, device, decoder="linear"):
     if backbone != "resnet50v1c":
         kw["patch_size"] = args.patch
     model = SegmentationModel(build_backbone(backbone, args.size, args.bands, **kw), decoder, 24,
-                              frozen_backbone=args.frozen, full_res=args.full_res, upsample=args.upsample).to(device)
+                              frozen_backbone=args.frozen, full_res=args.full_res).to(device)
     x = torch.randn(B, args.bands, 64, 64, device=device)
     y = torch.randint(0, 24, (B, 64, 64), device=device)
     targs = finetune_seg.parse_args(["--img-size", "64"])
-    flops = finetune_seg.train_flops(model, args.bands, None, None, targs, device)
+    flops = finetune_seg.train_flops(model, args.bands, targs, device)
     return model, model.parameters(), lambda m: finetune_seg.segmentation_loss(m(x), y), flops
 
 
@@ -179,7 +178,7 @@ def bench_models(args):
                     r = run(args, trainer, backbone, device, dtype, decoder)
                     mfu = mfu_text(r["tflops"], peak, bf16)
                     name = trainer if decoder is None else f"seg {decoder}{' frozen' if args.frozen else ''}" + \
-                        ("" if args.full_res else " study head") + (" guided" if args.upsample == "guided" else "")
+                        ("" if args.full_res else " study head")
                     print(f"| {name} | {backbone} | {'-' if backbone == 'resnet50v1c' else args.patch} | {r['batch']} | "
                           f"{r['img_s']:.1f} | {r['ms']:.0f} | {r['arch']:.2f} | {r['counted']:.2f} | "
                           f"{r['tflops']:.3f} | {mfu} | {r['mem']:.2f} |", flush=True)

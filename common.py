@@ -1,6 +1,5 @@
 """What every training script needs: distributed init/teardown, seeding, precision, schedules,
 checkpoints with exact resume, and logging. Nothing model- or data-specific lives here."""
-import argparse
 import json
 import math
 import os
@@ -61,11 +60,10 @@ def wrap_ddp(model, world, **kwargs):
 
 def add_run_args(parser, out):
     """The options every training script shares: where the run lives, precision, device, loader, seed,
-    logging and checkpoint intervals."""
+    logging and checkpoint intervals. Decoded rasters are cached in $HSI_SSL_CACHE (~/.cache/hsi-ssl)."""
     p = parser
     p.add_argument("--out", default=out, help="run directory: ckpt.pt, TensorBoard (tb/), metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--cache-dir", default=None, help="decoded-raster cache (default $HSI_SSL_CACHE or ~/.cache/hsi-ssl)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -81,40 +79,6 @@ def add_run_args(parser, out):
     p.add_argument("--sync-debug", action="store_true", help="CUDA: raise on any host-device synchronisation inside "
                    "a training step (torch.cuda.set_sync_debug_mode), to find what stalls the GPU")
     add_debug_arg(p)
-
-
-def add_recipe_args(parser, sst=False):
-    """The backbone recipe options of issue #13 (models.LEGACY_OPTIONS), defaults unchanged until
-    measured; `sst`: also the MaskedSST options of the factorised transformer."""
-    p = parser
-    p.add_argument("--init-scheme", default="trunc_normal", choices=["trunc_normal", "xavier"],
-                   help="Linear-layer init of vit/ssvit/sst (and the MAE decoder). xavier = MAE's xavier_uniform: "
-                   "trunc_normal(0.02) is 2-4x smaller, so a random ViT passes its input almost unchanged (cosine "
-                   "0.98 between block-12 output and patch embedding at tiny, 0.6 with xavier)")
-    p.add_argument("--pos-embed", default="learned", choices=["learned", "fixed"],
-                   help="2-D sin-cos position embedding of the patches (vit, the spatial stream of ssvit, sst): "
-                   "trained from its sin-cos init, or fixed as MAE's encoder (not trained, not weight-decayed)")
-    if sst:
-        p.add_argument("--block-order", default=None, choices=["alternating", "spatial-first"],
-                       help="sst: blocks alternate spatial/spectral attention (default), or all spatial blocks come "
-                       "first, then the spectral ones, as MaskedSST's reference implementation")
-        p.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=False,
-                       help="sst: LayerNorms before and after the blockwise token embedding, as MaskedSST's reference")
-
-
-def add_scene_sampling_arg(parser):
-    parser.add_argument("--scene-sampling", default="pixels", choices=["pixels", "uniform"], help="with several "
-                        "scenes in --data: draw each tile's scene in proportion to its pixels, or every scene "
-                        "equally often")
-
-
-def add_any_sensor_arg(parser):
-    parser.add_argument("--any-sensor", action="store_true", help="read every scene through one common "
-                        "wavelength grid (data.GRID: 216 points, 360-2510 nm every 10 nm): each sensor's normalised "
-                        "bands are resampled onto it by wavelength (0 where it has no band), so one network reads "
-                        "scenes with any band count and transfers to sensors it never saw, with no per-sensor "
-                        "parameters. Needs wavelengths_nm in every scene's meta.json. A checkpoint trained so "
-                        "makes finetune_seg.py/eval.py --init read data the same way")
 
 
 def parse_with_preset(parser, argv, presets):
@@ -134,7 +98,11 @@ def add_debug_arg(parser):
                         "instead of the one-line message (also: HSI_SSL_DEBUG=1)")
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)  # data.DataError is a ValueError
+class DataError(ValueError):
+    """Bad input data; the message names the file or folder and the problem (no traceback needed)."""
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def run_cli(main):
@@ -146,7 +114,6 @@ def run_cli(main):
     except USER_ERRORS as e:
         if "--debug" in sys.argv[1:] or os.environ.get("HSI_SSL_DEBUG", "0") not in ("", "0"):
             raise
-        from data import DataError  # lazy: common.py does not depend on data.py
         hint = " (--debug for the traceback)" if isinstance(e, ValueError) and not isinstance(e, DataError) else ""
         print(f"error: {e}{hint}", file=sys.stderr, flush=True)
         cleanup_distributed()
@@ -395,8 +362,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_initialized():
-        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state; ours is at our index
-            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
         torch.cuda.set_rng_state(cuda)
 
 
@@ -440,7 +405,11 @@ def resume(path, rank, backbone, **stateful):
     for name, obj in stateful.items():
         if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
             continue  # a disabled scaler's state: nothing to restore
-        obj.load_state_dict(ckpt[name])
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. another head or decoder than the run had
+            raise ValueError(f"{path}: its {name} does not fit this run's ({str(e).splitlines()[0]}); resume with "
+                             "the flags the run started with") from e
     restore_rng(ckpt["rng"], rank, dist.get_world_size() if dist.is_initialized() else 1,
                 seed=(ckpt["args"].get("seed", 0), ckpt["step"]))
     print0(f"resumed {path} at step {ckpt['step']}")
@@ -457,12 +426,6 @@ def load_checkpoint(path, mmap=False):
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
 
 
-def checkpoint_bands(path):
-    """The file bands a checkpoint's backbone reads (data.HSIDataset.band_info), so that new data is read
-    with the same bands; None without a checkpoint or when it does not record them."""
-    return None if path is None else load_checkpoint(path, mmap=True)["backbone"].get("bands")
-
-
 def brief(config):
     """A backbone config for printing: long lists (wavelengths, band ids) as their length."""
     def short(v):
@@ -472,28 +435,10 @@ def brief(config):
     return short(config)
 
 
-def data_bands(args):
-    """How a run reads its data's bands: as its --init checkpoint did; else, with --any-sensor, through the
-    common wavelength grid; else (None) the data's own bands."""
-    bands = checkpoint_bands(args.init)
-    if bands is None and args.any_sensor:
-        from data import ANY_SENSOR  # lazy: common.py does not depend on data.py
-        return ANY_SENSOR
-    return bands
-
-
-def backbone_weights(ckpt, which="teacher"):
+def backbone_weights(ckpt):
     """The backbone's state dict from any trainer's checkpoint: the network it names as its backbone
-    (`which="teacher"`: for DINO the EMA teacher, elsewhere the only one), or `which="student"`, the
-    student of a checkpoint that holds one (DINO)."""
+    (for DINO the EMA teacher)."""
     key, prefix = ckpt["backbone_key"]
-    if which == "student":
-        if "student" not in ckpt:
-            raise ValueError("--init-weights student: this checkpoint has no student network (only "
-                             "pretrain_dino.py checkpoints have one)")
-        key = "student"
-    elif which != "teacher":
-        raise ValueError(f"unknown network {which!r}; available: teacher, student")
     return {k[len(prefix):]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
 
 
@@ -508,11 +453,8 @@ def check_bands(config, bands, path, data_name="the data"):
 
 
 def check_config(saved, current, path):
-    """Refuse a checkpoint whose model config differs, naming the difference (band count first). Older
-    checkpoints that do not record the bands read are compared without them."""
+    """Refuse a checkpoint whose model config differs, naming the difference (band count first)."""
     check_bands(saved, current["in_chans"], path)
-    if "bands" not in saved:
-        current = {k: v for k, v in current.items() if k != "bands"}
     diffs = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
     if diffs:
         text = ", ".join(_band_diff(s, c) if k == "bands" else f"{k}: checkpoint {s!r} vs now {c!r}"

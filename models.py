@@ -410,8 +410,7 @@ class SpatialSpectralViT(nn.Module):
     After every `fuse_every` blocks (not after the last) a `Fusion` block exchanges information between
     the streams. Hiding is exact across streams: a masked/dropped spatial patch is excluded from the
     spectral stream's pooling, and a masked/dropped band group is zeroed (= its band mean) in the
-    spatial stream's patches, so no stream sees what the other one hides (`encode(...,
-    hide_bands_from_spatial=False)` leaves the spatial stream all bands). Dense features for the
+    spatial stream's patches, so no stream sees what the other one hides. Dense features for the
     decoders are the spatial stream's patch tokens (informed by the spectral stream through fusion).
     `pos_embed` is the spatial stream's (learned or fixed); the spectral stream's positions are always
     as in `SpectralEncoder`."""
@@ -454,19 +453,15 @@ class SpatialSpectralViT(nn.Module):
             hid = torch.ones_like(hid).scatter(1, keep, False)
         return hid | mask if mask is not None else hid
 
-    def embed(self, x, keep=(None, None), mask=(None, None), hide_bands_from_spatial=True):
-        """-> (spatial tokens, spectral tokens) entering the blocks. With hide_bands_from_spatial=False
-        the band groups hidden from the spectral stream stay in the spatial stream's patches."""
+    def embed(self, x, keep=(None, None), mask=(None, None)):
+        """-> (spatial tokens, spectral tokens) entering the blocks."""
         B, C, H, W = x.shape
         (h, w), p, g = self.grid_size(x), self.patch_size, self.spectral.group
         hid_patch = self.hidden(B, h * w, keep[0], mask[0], x.device)
         pixel_visible = (~hid_patch).reshape(B, 1, h, 1, w, 1).expand(-1, -1, -1, p, -1, p)
         pixel_visible = pixel_visible.reshape(B, 1, H, W).to(x.dtype)
-        if hide_bands_from_spatial:
-            hid_group = self.hidden(B, self.spectral.num_groups, keep[1], mask[1], x.device)
-            x_spatial = x * (~hid_group).repeat_interleave(g, dim=1)[:, :, None, None].to(x.dtype)  # (B, C, H, W)
-        else:
-            x_spatial = x
+        hid_group = self.hidden(B, self.spectral.num_groups, keep[1], mask[1], x.device)
+        x_spatial = x * (~hid_group).repeat_interleave(g, dim=1)[:, :, None, None].to(x.dtype)  # (B, C, H, W)
         s = self.spatial.embed_tokens(patchify(x_spatial, p), self.spatial.interpolate_pos_embed(h, w),
                                       keep[0], mask[0])
         t = self.spectral.embed_tokens(self.spectral.pieces(x, pixel_visible), self.spectral.pos_embed,
@@ -485,10 +480,10 @@ class SpatialSpectralViT(nn.Module):
                 outs.append(self.spatial.norm(s))
         return self.spatial.norm(s), self.spectral.norm(t), outs
 
-    def encode(self, x, keep=(None, None), mask=(None, None), hide_bands_from_spatial=True):
+    def encode(self, x, keep=(None, None), mask=(None, None)):
         """(B, C, H, W) -> [spatial tokens (B, 1 + R + Ks, D), spectral tokens (B, 1 + R + Kg, D)],
-        normalised; keep/mask per stream as in `TokenEncoder.embed_tokens`; see `embed` for the last."""
-        s, t, _ = self.run_blocks(*self.embed(x, keep, mask, hide_bands_from_spatial))
+        normalised; keep/mask per stream as in `TokenEncoder.embed_tokens`."""
+        s, t, _ = self.run_blocks(*self.embed(x, keep, mask))
         return [s, t]
 
     def forward(self, x):
@@ -712,11 +707,6 @@ class PixelBackbone(nn.Module):
 
 BACKBONES = {"vit": VisionTransformer, "ssvit": SpatialSpectralViT, "sst": SpectralSpatialTransformer}
 
-# Recipe options (issue #13) and the value a backbone config without them means: what every backbone was
-# before they existed. The constructors' defaults are these values and must stay so; scripts change the
-# defaults of their flags instead, once measurements pick them.
-LEGACY_OPTIONS = {"init": "trunc_normal", "pos_embed": "learned", "block_order": "alternating", "embed_norm": False}
-
 # Argument presets of pretrain_mae.py / finetune_seg.py (argparse names); flags given explicitly win.
 PRESETS = {
     # MaskedSST's configs (HSG-AIML/MaskedSST configs/*.yaml, src/vit_spatial_spectral.py): 1 x 1 pixel x
@@ -741,11 +731,8 @@ def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **
     any backbone). The returned module carries `.config`, which checkpoints store and
     `build_backbone(**config)` rebuilds. `bands` (HSIDataset.band_info: the file's band indices the
     model reads and their wavelengths) is only recorded in the config, so that data read later with this
-    checkpoint is read with the same bands. The recipe options (`LEGACY_OPTIONS`: init, pos_embed,
-    block_order, embed_norm) are recorded only when they differ from their legacy value, so the configs
-    of checkpoints written before they existed, and of models built without them, stay the same."""
-    kwargs = {k: v for k, v in kwargs.items()
-              if v is not None and not (k in LEGACY_OPTIONS and v == LEGACY_OPTIONS[k])}
+    checkpoint is read with the same bands."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     record = {"bands": kwargs.pop("bands")} if "bands" in kwargs else {}
     if name in ("pixel", "resnet50v1c"):
         model = PixelBackbone(in_chans) if name == "pixel" else ResNetV1c(in_chans)
@@ -811,16 +798,11 @@ class MAE(nn.Module):
     sees only what is left (plus CLS and registers); one light decoder per stream reconstructs its
     dropped pieces (all bands of a patch; a band group's pooled image); the loss is the MSE on dropped
     pieces only, optionally against per-piece normalised targets, averaged over the streams. The decoders
-    are initialised with the encoder's scheme (`init`). For the spatial-spectral ViT,
-    `hide_bands_from_spatial=False` keeps the band groups the spectral stream drops in the spatial
-    stream's patches (see `SpatialSpectralViT.embed`)."""
+    are initialised with the encoder's scheme (`init`)."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
-                 norm_pix_loss=True, spectral_mask_ratio=0.5, hide_bands_from_spatial=True):
+                 norm_pix_loss=True, spectral_mask_ratio=0.5):
         super().__init__()
-        if not hide_bands_from_spatial and len(encoder.streams) < 2:
-            raise ValueError("hide_bands_from_spatial=False is for the spatial-spectral ViT (ssvit) only")
-        self.encode_options = {} if hide_bands_from_spatial else {"hide_bands_from_spatial": False}
         self.encoder, self.norm_pix_loss = encoder, norm_pix_loss
         self.ratios = [mask_ratio, spectral_mask_ratio][:len(encoder.streams)]
         h, w = encoder.grid
@@ -869,7 +851,7 @@ class MAE(nn.Module):
             raise ValueError(f"MAE is trained at {self.encoder.grid} patches, got input {tuple(x.shape[-2:])}")
         targets = self.encoder.pieces(x)  # per stream (B, N, piece_dim)
         ids = [self.random_masking(x.shape[0], t.shape[1], x.device, r) for t, r in zip(targets, self.ratios)]
-        latents = self.encoder.encode(x, keep=[i[0] for i in ids], **self.encode_options)
+        latents = self.encoder.encode(x, keep=[i[0] for i in ids])
         preds, losses = [], []
         for decoder, latent, target, (_, ids_masked, ids_restore) in zip(self.decoders, latents, targets, ids):
             preds.append(decoder(latent, ids_restore, ids_masked))
@@ -1083,78 +1065,22 @@ def resize(x, size):
     return F.interpolate(x, size, mode="bilinear", align_corners=False)
 
 
-def guided_upsample(logits, guide, log_range, log_sigma):
-    """Joint bilateral upsampling with a learned range kernel: every pixel's logits are a softmax-weighted
-    mix of the logits of the 3 x 3 token cells around its own, weighted by the distance from the pixel to
-    each cell centre (Gaussian, sigma = exp(log_sigma) cells) and by how far the pixel's full-resolution
-    guidance is from the cell's mean guidance (exp(log_range) x mean squared difference). With the range
-    term off it is a smooth interpolation like bilinear; with it, a pixel on an edge takes the logits of
-    the cell on its own side. logits (B, K, h, w), guide (B, E, H, W) -> (B, K, H, W)."""
-    (B, K, h, w), (H, W) = logits.shape, guide.shape[-2:]
-    guide = guide.float()
-    cells = F.adaptive_avg_pool2d(guide, (h, w))
-    dev = logits.device
-    # A pixel's centre in cell units (cell j's centre is at j, as bilinear with align_corners=False) and
-    # the cell it lies in.
-    py = (torch.arange(H, device=dev) + 0.5) * h / H - 0.5
-    px = (torch.arange(W, device=dev) + 0.5) * w / W - 0.5
-    cy, cx = (py + 0.5).floor().long().clamp(0, h - 1), (px + 0.5).floor().long().clamp(0, w - 1)
-    neighbours, scores = [], []
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            ny, nx = cy + dy, cx + dx
-            inside = ((ny >= 0) & (ny < h))[:, None] & ((nx >= 0) & (nx < w))[None]  # (H, W)
-            ny, nx = ny.clamp(0, h - 1), nx.clamp(0, w - 1)
-            spatial = (py - ny)[:, None] ** 2 + (px - nx)[None] ** 2
-            far = (guide - cells[:, :, ny][:, :, :, nx]).pow(2).mean(1)  # (B, H, W)
-            score = -log_range.exp() * far - spatial / (2 * log_sigma.exp() ** 2)
-            scores.append(score.masked_fill(~inside, float("-inf")))
-            neighbours.append((ny, nx))
-    weights = torch.softmax(torch.stack(scores, 1), dim=1).to(logits.dtype)  # (B, 9, H, W)
-    out = 0
-    for i, (ny, nx) in enumerate(neighbours):  # one neighbour at a time: memory of one (B, K, H, W) map
-        out = out + weights[:, i:i + 1] * logits[:, :, ny][:, :, :, nx]
-    return out
-
-
 class FullResolution(nn.Module):
-    """The full-resolution path of a segmentation head (issue #15). Every decoder starts from tokens at
-    the patch stride; this path sees each pixel's own normalised spectrum: a per-pixel linear classifier
-    whose logits are added to the decoder's (contextual) logits, so with the backbone's features zeroed
-    the head *is* a per-pixel linear classifier (plus, for decoders with padded convolutions, a bias that
-    depends on the position only) and, trained, it can learn at least what the per-pixel baseline
-    learns. `stem` > 0 adds a small 3 x 3 conv stem on the spectrum (stem channels -> class logits,
-    zero-initialised, so training starts from the linear path). `upsample="guided"` brings the decoder's
-    logits to full resolution by `guided_upsample` on a learned 16-d projection of the spectrum instead
-    of bilinearly."""
+    """The full-resolution path of a segmentation head. Every decoder starts from tokens at the patch
+    stride, so it loses thin structures; this path is a per-pixel linear classifier on the pixel's own
+    normalised spectrum whose logits are added to the decoder's (contextual) ones. With the backbone's
+    features zeroed the head is a per-pixel linear classifier, so trained it can learn at least what the
+    per-pixel baseline learns."""
 
-    def __init__(self, in_chans, num_classes, stem=0, upsample="bilinear", guide_dim=16):
+    def __init__(self, in_chans, num_classes):
         super().__init__()
-        check_choice("upsample", upsample, UPSAMPLING)
         self.pixel = nn.Conv2d(in_chans, num_classes, 1)
         nn.init.trunc_normal_(self.pixel.weight, std=0.01)
         nn.init.zeros_(self.pixel.bias)
-        self.stem = None
-        if stem:
-            self.stem = nn.Sequential(conv_bn_relu(in_chans, stem, 3), nn.Conv2d(stem, num_classes, 1))
-            nn.init.zeros_(self.stem[1].weight)
-            nn.init.zeros_(self.stem[1].bias)
-        self.guide = None
-        if upsample == "guided":
-            self.guide = nn.Conv2d(in_chans, guide_dim, 1)
-            self.log_range = nn.Parameter(torch.zeros(()))
-            self.log_sigma = nn.Parameter(torch.tensor(math.log(0.5)))  # ~ bilinear's reach at the start
 
     def forward(self, x, context):
         """x (B, C, H, W) the normalised input, context (B, K, h, w) the decoder's logits -> (B, K, H, W)."""
-        if self.guide is not None and context.shape[-2:] != x.shape[-2:]:
-            context = guided_upsample(context, self.guide(x), self.log_range, self.log_sigma)
-        logits = resize(context, x.shape[-2:]) + self.pixel(x)
-        return logits if self.stem is None else logits + self.stem(x)
-
-
-UPSAMPLING = ("bilinear", "guided")
-STUDY_HEAD = {"full_res": False, "stem": 0, "upsample": "bilinear"}  # the heads before issue #15
+        return resize(context, x.shape[-2:]) + self.pixel(x)
 
 
 # ----------------------------------------------------------------------------- CNN baseline
@@ -1264,12 +1190,10 @@ def decoder_blocks(decoder, depth):
 class SegmentationModel(nn.Module):
     """A backbone, the outputs of the encoder blocks its decoder reads, and the decoder. With
     `frozen_backbone` the backbone runs without gradients in eval mode (a linear probe). `full_res` adds
-    the full-resolution path (`FullResolution`: the pixel's own spectrum joins the decoder's logits; `stem`,
-    `upsample` are its options) to backbones whose features are coarser than the pixels; without it the
+    the full-resolution path (`FullResolution`) to backbones whose features are coarser than the pixels; without it the
     heads are the study's. `head` records these options for checkpoints."""
 
-    def __init__(self, backbone, decoder, num_classes, frozen_backbone=True, full_res=False, stem=0,
-                 upsample="bilinear"):
+    def __init__(self, backbone, decoder, num_classes, frozen_backbone=True, full_res=False):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; available: {', '.join(DECODERS)}")
@@ -1278,14 +1202,8 @@ class SegmentationModel(nn.Module):
         dims = backbone.feature_dims(self.blocks if isinstance(self.blocks, int) else len(self.blocks))
         stride = getattr(backbone, "feature_stride", getattr(backbone, "patch_size", 1))
         self.decoder = DECODERS[decoder](dims, num_classes, stride)
-        if upsample != "bilinear" and not full_res:
-            raise ValueError(f"upsample={upsample!r} needs the full-resolution path (--full-res)")
-        if upsample != "bilinear" and decoder == "conv":
-            raise ValueError(f"the conv decoder already decodes to full resolution: upsample={upsample!r} applies to "
-                             "the linear, segmenter and deeplabv3plus decoders")
-        # Backbones at stride 1 (pixel, cdcnn) already see every pixel's spectrum at full resolution.
-        self.full_res = FullResolution(backbone.in_chans, num_classes, stem, upsample) if full_res and stride > 1 else None
-        self.head = {"full_res": True, "stem": stem, "upsample": upsample} if self.full_res else dict(STUDY_HEAD)
+        # Backbones at stride 1 (pixel, cdcnn, 1 px tokens) already see every pixel's spectrum.
+        self.full_res = FullResolution(backbone.in_chans, num_classes) if full_res and stride > 1 else None
         self.backbone.requires_grad_(not frozen_backbone)
         for name, p in backbone.named_parameters():
             if name.endswith("mask_token"):
