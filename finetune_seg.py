@@ -4,7 +4,7 @@ or full fine-tuning (`--finetune`).
     python finetune_seg.py --init runs/demo_mae/ckpt.pt --out runs/probe        # bundled scene, 10% labels
     python finetune_seg.py --backbone pixel --out runs/pixel                     # per-pixel linear baseline
     python finetune_seg.py --init runs/mae_vitb/ckpt.pt --data /data/WHU-OHS --eval-every 2000 --out runs/whu
-    python finetune_seg.py --init runs/contrast/ckpt.pt --optimizer sgd --lr 0.01 --img-size 24 --batch-size 8 --out runs/cd
+    python finetune_seg.py --init runs/contrast/ckpt.pt --preset leekwon --lr 0.3 --out runs/cd     # Lee & Kwon
 Scenes: trains on a seeded sparse-label split (saved as <out>/split.npz) and reports the held-out pixels.
 WHU-OHS: trains on `tr`, evaluates on `val` and keeps the best checkpoint as <out>/best.pt.
 """
@@ -28,6 +28,12 @@ from segmentation import (add_backbone_args, add_split_args, colourise, evaluate
                           load_backbone, read_init, split_scene)
 
 AUX_WEIGHT = 0.4  # DeepLabV3+'s auxiliary FCN head (mmseg's recipe)
+# Lee & Kwon's transfer of a cross-domain CNN: SGD with momentum 0.9, lr x0.1 at 60% and 80% of 100 steps
+# (the `step` schedule), 24 px tiles; the gradient clipping is ours (without it the new layers diverge).
+# Without the preset: AdamW and the poly schedule of segmentation (warm-up, then (1 - t)^0.9).
+PRESETS = {**models.PRESETS, "leekwon": dict(optimizer="sgd", schedule="step", weight_decay=0.005, steps=100,
+                                             warmup_steps=0, img_size=24, batch_size=8, clip_grad=1.0,
+                                             eval_every=100)}
 
 
 def parse_args(argv=None):
@@ -53,14 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="sgd: momentum 0.9 (Lee & Kwon)")
-    p.add_argument("--schedule", default="poly", choices=["poly", "step"], help="poly: warm-up then (1 - t)^0.9 "
-                   "(the segmentation standard); step: x0.1 at 60%% and 80%% of the steps (Lee & Kwon)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
     common.add_run_args(p, out="runs/seg")
-    return common.parse_with_preset(p, argv, models.PRESETS)  # maskedsst: 8 px tiles, 1 px tokens
+    return common.parse_with_preset(p, argv, PRESETS)
 
 
 def build_model(args, ds, ckpt):
@@ -179,11 +182,11 @@ def train(args, rank, world, device):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = param_groups(args, model)
-    optimizer = (common.sgd(groups, args.lr) if args.optimizer == "sgd"
-                 else common.adamw(groups, args.lr, (0.9, 0.999), device))
+    sgd = getattr(args, "optimizer", None) == "sgd"  # --preset leekwon
+    optimizer = common.sgd(groups, args.lr) if sgd else common.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    lr_schedule = (common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps) if args.schedule == "poly"
-                   else common.step_schedule(args.lr, args.steps))
+    lr_schedule = (common.step_schedule(args.lr, args.steps) if sgd
+                   else common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps))
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
     backbone_config = model.backbone.config
     start = common.resume(ckpt_path, rank, backbone_config, **state) if args.resume else 0
