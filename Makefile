@@ -9,8 +9,8 @@ install:
 test:
 	$(PYTHON) -m pytest
 
-# MAE pre-training -> linear probe -> evaluation on the bundled Indian Pines (7 min 40 s on 2 CPU cores;
-# prints OA 63.68 / AA 51.81 / mIoU 39.71, the README table's MAE frozen row).
+# MAE pre-training -> linear probe -> evaluation on the bundled Indian Pines
+# (about 5 min on 2 CPU cores; prints OA 75.36 / AA 71.38 / mIoU 61.70, see README).
 demo:
 	rm -rf runs/demo_mae runs/demo_probe
 	$(PYTHON) pretrain_mae.py --out runs/demo_mae
