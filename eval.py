@@ -212,7 +212,7 @@ def load_model(ckpt_path, device):
         return backbone.to(device).eval(), ckpt
     seg = ckpt["segmentation"]
     model = SegmentationModel(backbone, seg["decoder"], seg["num_classes"], full_res=seg["full_res"])
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt[seg["weights"]])  # the model, or with --semi the EMA teacher
     return model.to(device).eval(), ckpt
 
 

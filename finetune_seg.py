@@ -62,6 +62,15 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
+    p.add_argument("--semi", type=float, default=0.0, help="semi-supervised: weight of the loss on unlabelled tiles "
+                   "of the whole scene, where an EMA teacher's confident predictions on a flipped tile teach the "
+                   "student a CutMix of two tiles; 0 = supervised only")
+    p.add_argument("--semi-threshold", type=float, default=0.9, help="with --semi: pixels the teacher predicts with "
+                   "less confidence teach nothing")
+    p.add_argument("--semi-rampup", type=int, default=0, help="with --semi: steps over which its weight grows "
+                   "linearly from 0")
+    p.add_argument("--eval-student", action="store_true", help="with --semi: evaluate and save the student "
+                   "(default: the EMA teacher)")
     common.add_run_args(p, out="runs/seg")
     return common.parse_with_preset(p, argv, PRESETS)
 
@@ -123,6 +132,64 @@ def add_pca(args, train_ds, eval_ds, train_mask):
     common.print0(f"PCA: {train_ds.raw_bands} bands -> {args.pca} components explaining "
                   f"{100 * explained.sum():.1f}% of the variance of the training pixels")
     return projection
+
+
+# ----------------------------------------------------------------------------- semi-supervised (--semi)
+
+TEACHER_MOMENTUM = 0.99  # Mean Teacher's EMA of the student
+CUTMIX_BOX = 0.5         # side of the pasted box, as a share of the tile's (CutMix-Seg)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and floating buffers
+    (BatchNorm statistics) alike; integer buffers (counters) are copied."""
+    for t, s in zip([*teacher.parameters(), *teacher.buffers()], [*student.parameters(), *student.buffers()]):
+        if t.is_floating_point():
+            t.lerp_(s.detach(), 1 - momentum)
+        else:
+            t.copy_(s)
+
+
+def cutmix_masks(u, size):
+    """(B, 1, size, size) bool: per sample one square box of side CUTMIX_BOX x size at the uniforms u (B, 2)."""
+    side = max(1, int(round(CUTMIX_BOX * size)))
+    y0, x0 = ((u * (size - side + 1)).floor().long()).unbind(1)
+    r = torch.arange(size, device=u.device)
+    rows = (r >= y0[:, None]) & (r < y0[:, None] + side)
+    cols = (r >= x0[:, None]) & (r < x0[:, None] + side)
+    return (rows[:, :, None] & cols[:, None, :])[:, None]
+
+
+def cutmix(t, mask):
+    """Inside each sample's box the next sample of the batch (the last one takes the first's): (B, ...)."""
+    return torch.where(mask, t.roll(-1, 0), t)
+
+
+def semi_loss(student_logits, teacher_probs, threshold):
+    """Cross-entropy to the teacher's most likely class where its confidence reaches `threshold`; the
+    other pixels contribute 0 but still count in the mean (UniMatch's normalisation), so a teacher that is
+    rarely confident teaches little. -> (loss, share of confident pixels)."""
+    confidence, target = teacher_probs.max(1)
+    keep = (confidence >= threshold).float()
+    ce = F.cross_entropy(student_logits.float(), target, reduction="none")
+    return (ce * keep).mean(), keep.mean()
+
+
+@torch.no_grad()
+def semi_views(teacher, x_u, rnd):
+    """The weak view x_u (B, C, H, W) (flipped tiles) -> the strong view (each tile with a box of the next
+    one pasted in) and the teacher's class probabilities on the weak view mixed with the same boxes."""
+    mask = cutmix_masks(rnd.uniform(2), x_u.shape[-1])
+    return cutmix(x_u, mask), cutmix(teacher(x_u).float().softmax(1), mask)
+
+
+def split_logits(logits, n):
+    """The first n samples' logits and the rest's main logits (DeepLabV3+ in training: (main, auxiliary);
+    the auxiliary head learns from labels only)."""
+    if isinstance(logits, tuple):
+        return tuple(t[:n] for t in logits), logits[0][n:]
+    return logits[:n], logits[n:]
 
 
 def segmentation_loss(logits, target):
@@ -188,12 +255,22 @@ def train(args, rank, world, device):
     lr_schedule = (common.step_schedule(args.lr, args.steps) if sgd
                    else common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps))
     state = dict(model=model, optimizer=optimizer, scaler=scaler)
+    teacher = None
+    if args.semi:
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()  # BatchNorm: the teacher uses its statistics
+        state["teacher"] = teacher
     backbone_config = model.backbone.config
     start = common.resume(ckpt_path, rank, backbone_config, **state) if args.resume else 0
     ddp = common.wrap_ddp(model, world)
+    if teacher is not None and not args.resume:
+        teacher.load_state_dict(model.state_dict())  # DDP gave every rank rank 0's initial weights
     ddp = torch.compile(ddp) if args.compile else ddp
     tiles = data.RandomTiles([train_ds], args.img_size, args.seed, data.Augment(flips=True), min_labelled=1)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
+    if teacher is not None:  # every tile of the scene, labelled or not (labels never read)
+        unlabelled = data.RandomTiles([train_ds if eval_mask is None else eval_ds], args.img_size, args.seed + 1,
+                                      data.Augment(flips=True), labels=False)
+        u_batches = iter(data.step_loader(unlabelled, args.batch_size, start, rank, world, args.workers, device))
     peak, source = common.peak_tflops(device, dtype)
     flops = train_flops(model, train_ds.bands, args, device)
     common.print0(f"{flops / 1e9:.2f} GFLOP per image (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
@@ -204,7 +281,9 @@ def train(args, rank, world, device):
     extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "blocks": model.blocks,
                               "full_res": model.full_res is not None,
                               "pca": None if pca is None else pca.tolist(), "classes": classes,
-                              "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone}}
+                              "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone,
+                              "weights": "model" if teacher is None or args.eval_student else "teacher"}}
+    evaluated = model if teacher is None or args.eval_student else teacher
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
         with common.no_host_sync(args.sync_debug, device):
@@ -212,11 +291,24 @@ def train(args, rank, world, device):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             common.set_lr(optimizer, lr_schedule[step])
-            with common.autocast(device, dtype):
-                logits = ddp(x)
-            loss = segmentation_loss(logits, y)
+            if teacher is None:
+                with common.autocast(device, dtype):
+                    logits = ddp(x)
+                loss, terms = segmentation_loss(logits, y), {}
+            else:  # labelled and strong views in one forward (one DDP reduction, shared BatchNorm statistics)
+                rnd = data.StepRandom(args.seed, step, rank, world, args.batch_size, device, stream=11)
+                with common.autocast(device, dtype):
+                    strong, targets = semi_views(teacher, next(u_batches)[0], rnd)
+                    logits, strong_logits = split_logits(ddp(torch.cat([x, strong])), len(x))
+                semi, confident = semi_loss(strong_logits, targets, args.semi_threshold)
+                weight = args.semi * min(1.0, step / args.semi_rampup) if args.semi_rampup else args.semi
+                loss = segmentation_loss(logits, y) + weight * semi
+                terms = {"semi_loss": semi, "confident": confident}
             common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
-            meters.add(loss=loss)
+            if teacher is not None:
+                ema_update(teacher, model, TEACHER_MOMENTUM)
+                common.broadcast_buffers(teacher)  # each rank's BatchNorm statistics saw its own batch: take rank 0's
+            meters.add(loss=loss, **terms)
         done = step + 1
         save, stop = checkpoints.due(done)
         if save or done % args.log_every == 0:
@@ -224,7 +316,7 @@ def train(args, rank, world, device):
             stats = logger.scalars(done, stats, images=args.batch_size * world)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", mfu=f"{stats.get('mfu', 0):.1%}")
         if done % args.eval_every == 0 or done == args.steps:
-            metrics = log_evaluation(logger, model, eval_ds, eval_mask, args, device, dtype, done)
+            metrics = log_evaluation(logger, evaluated, eval_ds, eval_mask, args, device, dtype, done)
             common.print0(f"\nstep {done} {'held-out pixels' if eval_mask is not None else 'val'}:\n"
                           + format_table(metrics))
             if eval_mask is None and metrics["miou"] > best:  # select on val only, never on test pixels
