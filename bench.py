@@ -96,7 +96,7 @@ def seg_case(args, backbone, B, device, decoder="linear"):
     x = torch.randn(B, args.bands, 64, 64, device=device)
     y = torch.randint(0, 24, (B, 64, 64), device=device)
     targs = finetune_seg.parse_args(["--img-size", "64"])
-    flops = finetune_seg.train_flops(model, args.bands, targs, device)
+    flops = finetune_seg.train_flops(model, args.bands, targs, device)[0]
     return model, model.parameters(), lambda m: finetune_seg.segmentation_loss(m(x), y), flops
 
 

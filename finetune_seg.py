@@ -121,7 +121,8 @@ def param_groups(args, model):
     ids, top = layer_ids(model.backbone)
     for layer in range(top + 1):
         params = [p for n, p in model.backbone.named_parameters() if ids[n] == layer]
-        groups += common.decay_groups(params, args.weight_decay, args.backbone_lr_scale * args.layer_decay ** (top - layer))
+        scale = args.backbone_lr_scale * args.layer_decay ** (top - layer)
+        groups += common.decay_groups(params, args.weight_decay, scale)
     return groups
 
 
@@ -200,12 +201,19 @@ def segmentation_loss(logits, target):
 
 
 def train_flops(model, bands, args, device):
-    """Training FLOPs per image, counted by torch.utils.flop_counter on one step of a copy of the model
-    (decoders and the CNN make an architecture formula long; the copy keeps BatchNorm statistics)."""
+    """Training FLOPs per labelled image, counted by torch.utils.flop_counter on one step of a copy of the
+    model (decoders and the CNN make an architecture formula long; the copy keeps BatchNorm statistics).
+    With --semi also the student's step on a strong view and the teacher's forward on a weak one; and
+    the ratio to a supervised step."""
     copy_ = copy.deepcopy(model).train()
     x = torch.zeros(2, bands, args.img_size, args.img_size, device=device)
     y = torch.zeros(2, args.img_size, args.img_size, dtype=torch.long, device=device)
-    return common.counted_flops(lambda: segmentation_loss(copy_(x), y).backward()) / 2
+    step = common.counted_flops(lambda: segmentation_loss(copy_(x), y).backward()) / 2
+    if not args.semi:
+        return step, 1.0
+    with torch.no_grad():
+        teacher = common.counted_flops(lambda: copy_.eval()(x)) / 2
+    return 2 * step + teacher, 2 + teacher / step
 
 
 def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
@@ -272,8 +280,10 @@ def train(args, rank, world, device):
                                       data.Augment(flips=True), labels=False)
         u_batches = iter(data.step_loader(unlabelled, args.batch_size, start, rank, world, args.workers, device))
     peak, source = common.peak_tflops(device, dtype)
-    flops = train_flops(model, train_ds.bands, args, device)
-    common.print0(f"{flops / 1e9:.2f} GFLOP per image (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
+    flops, ratio = train_flops(model, train_ds.bands, args, device)
+    semi = f" (--semi: {ratio:.2f}x a supervised step)" if args.semi else ""
+    common.print0(f"{flops / 1e9:.2f} GFLOP per labelled image (training){semi} | peak {peak or 0:.1f} TFLOP/s "
+                  f"({source})")
     logger = common.Logger(args.out, args, start, flops, peak)
     meters, best_path = common.Meters(), os.path.join(args.out, "best.pt")
     checkpoints, metrics = common.Checkpoints(args, args.steps, device), None
