@@ -3,12 +3,14 @@ errors, and a converted product with dead and bad bands that trains, evaluates a
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import tifffile
 import torch
 
+import common
 import data
 import eval as evaluation
 import finetune_seg
@@ -315,3 +317,150 @@ def test_product_with_dead_and_bad_bands_trains_evaluates_and_reads_the_next_pro
     with pytest.raises(ValueError, match=r"bands: the checkpoint reads 5 bands, the data now 5; only the checkpoint "
                                          r"reads \[1\], only the data \[0\]"):
         finetune_seg.main([*pixel, "--resume", "--steps", "2"])
+
+
+# ----------------------------------------------------------------------------- spaceborne products as distributed
+
+ENMAP_STEM = "ENMAP01-____L2A-DT0000001867_20220724T104526Z_008_V010302_20230628T165614Z"
+ENMAP_WL = [418.2, 552.7, 681.9, 863.4, 1391.1, 1902.3, 2201.0, 2440.3]
+ENMAP_FLAGS = {"CLOUD": [(1, 1), (1, 2)], "CLOUDSHADOW": [(2, 1)], "HAZE": [(3, 3)], "SNOW": [(4, 4)]}
+
+
+def write_enmap_l2a(folder, size=(6, 7), gains=None, xml=True, layers=True, seed=0):
+    """An EnMAP L2A product folder as DLR delivers it: SPECTRAL_IMAGE.TIF, int16 reflectance x 1e4, one band
+    per plane, GDAL_NODATA -32768 (the two water-vapour bands and the corner outside the swath) and GDAL band
+    metadata (wavelength, fwhm, SCALE and OFFSET items); METADATA.XML (specific/bandCharacterisation:
+    wavelengthCenterOfBand, FWHMOfBand, GainOfBand, OffsetOfBand; product/bandStatistics, the empty bands at
+    mean -1000000 and stdDeviation 0); uint8 quality layers, 1 = flagged. QL_PIXELMASK is written per band
+    here; a single-band layer reads the same way."""
+    os.makedirs(folder, exist_ok=True)
+    rng, (H, W), C = np.random.default_rng(seed), size, len(ENMAP_WL)
+    gains = gains or [1e-4] * C
+    cube = rng.integers(300, 6000, (C, H, W)).astype(np.int16)
+    cube[[4, 5]] = -32768
+    cube[:, 0, :2] = -32768
+    stem = os.path.join(folder, ENMAP_STEM)
+    items = "".join(f'<Item name="wavelength" sample="{i}">{w}</Item><Item name="fwhm" sample="{i}">7.5</Item>'
+                    f'<Item name="OFFSET" sample="{i}" role="offset">0</Item>'
+                    f'<Item name="SCALE" sample="{i}" role="scale">{g}</Item>'
+                    for i, (w, g) in enumerate(zip(ENMAP_WL, gains)))
+    gdal = f'<GDALMetadata><Item name="wavelength_units">Nanometers</Item>{items}</GDALMetadata>'
+    tifffile.imwrite(stem + "-SPECTRAL_IMAGE.TIF", cube, planarconfig="separate", photometric="minisblack",
+                     extratags=[(42113, "s", 0, "-32768", True), (42112, "s", 0, gdal, True)])
+    if xml:
+        chars = "".join(f'<bandID number="{i + 1}"><wavelengthCenterOfBand>{w}</wavelengthCenterOfBand><FWHMOfBand>'
+                        f"7.5</FWHMOfBand><GainOfBand>{g}</GainOfBand><OffsetOfBand>0</OffsetOfBand></bandID>"
+                        for i, (w, g) in enumerate(zip(ENMAP_WL, gains)))
+        stats = "".join(f'<bandID number="{i + 1}"><mean>{-1000000 if i in (4, 5) else 2500}</mean><stdDeviation>'
+                        f"{0 if i in (4, 5) else 800}</stdDeviation></bandID>" for i in range(C))
+        with open(stem + "-METADATA.XML", "w") as f:
+            f.write(f'<?xml version="1.0" encoding="UTF-8"?><level_X><base><level>L2A</level></base><specific>'
+                    f"<bandCharacterisation>{chars}</bandCharacterisation></specific><product><bandStatistics>"
+                    f"{stats}</bandStatistics></product></level_X>")
+    flagged = np.zeros((H, W), bool)
+    if layers:
+        for name, pixels in ENMAP_FLAGS.items():
+            m = np.zeros((H, W), np.uint8)
+            m[tuple(zip(*pixels))] = 1
+            tifffile.imwrite(f"{stem}-QL_QUALITY_{name}.TIF", m)
+            flagged |= m > 0
+        pixelmask = np.zeros((C, H, W), np.uint8)
+        pixelmask[2, 5, 6] = 1
+        tifffile.imwrite(f"{stem}-QL_PIXELMASK.TIF", pixelmask, photometric="minisblack")
+        flagged[5, 6] = True
+        tifffile.imwrite(f"{stem}-QL_QUALITY_CIRRUS.TIF", np.ones((H, W), np.uint8))  # not a layer formats.py uses
+        tifffile.imwrite(f"{stem}-QL_QUALITY_CLASSES.TIF", np.ones((H, W), np.uint8))
+    return str(folder), cube, flagged
+
+
+def valid_pixels(ds):
+    """(H, W) bool: the pixels of a converted scene that data.py reads as valid."""
+    _, H, W = ds.rasters[0].image.shape
+    valid = ds.physical(np.asarray(ds.read(0, 0, H, 0, W)))[1]
+    return np.ones((H, W), bool) if valid is None else valid
+
+
+def test_enmap_l2a_product_folder_scale_bands_and_quality_layers(tmp_path, cache_dir, capsys):
+    folder, cube, flagged = write_enmap_l2a(tmp_path / ENMAP_STEM)
+    out = tmp_path / "enmap"
+    with warnings.catch_warnings(record=True) as caught:  # tifffile's "reading value from closed file" is gone
+        warnings.simplefilter("always")
+        ds = formats.main([folder, "--out", str(out), "--cache-dir", cache_dir])
+    assert [str(w.message) for w in caught if "closed file" in str(w.message)] == []
+    meta = json.load(open(out / "meta.json"))
+    assert meta["value_scale"] == pytest.approx(1e-4) and meta["nodata"] == -32768 and meta["sensor"] == "EnMAP"
+    assert meta["bad_bands"] == [4, 5] and meta["wavelengths_nm"] == ENMAP_WL and meta["fwhm_nm"] == [7.5] * 8
+    assert meta["source"]["masked_pixels"] == {"cloud": 2, "cloudshadow": 1, "haze": 1, "snow": 1, "pixelmask": 1}
+    expected = cube.copy()
+    expected[:, flagged] = -32768  # six flagged pixels, every band
+    np.testing.assert_array_equal(tifffile.imread(out / "image.tif"), expected)
+    printed = capsys.readouterr().out
+    assert "quality layers set to nodata: cloud 2 px, cloudshadow 1 px, haze 1 px, snow 1 px, pixelmask 1 px" in printed
+    assert ds.value_scale == pytest.approx(1e-4) and ds.band_ids == [0, 1, 2, 3, 6, 7]
+    outside = np.zeros((6, 7), bool)
+    outside[0, :2] = True
+    np.testing.assert_array_equal(valid_pixels(ds), ~(flagged | outside))
+    only_cloud = formats.convert(folder, str(tmp_path / "cloud"), masks=["cloud"])
+    assert only_cloud["source"]["masked_pixels"] == {"cloud": 2}
+    assert (tifffile.imread(tmp_path / "cloud" / "image.tif")[:, 1, 1:3] == -32768).all()
+    formats.main([folder, "--masks", "none", "--out", str(tmp_path / "none"), "--cache-dir", cache_dir])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "none" / "image.tif"), cube)
+    with pytest.raises(ValueError, match="--masks: unknown quality layer 'cirrus'; choose from cloud, cloudshadow"):
+        formats.convert(folder, str(tmp_path / "x"), masks=["cirrus"])
+
+
+def test_enmap_geotiff_alone_and_per_band_gains(tmp_path, cache_dir):
+    """Without METADATA.XML the GDAL band metadata gives wavelengths and scale; gains that differ between
+    bands are applied, so image.tif holds float32 reflectance with NaN for nodata and flagged pixels."""
+    folder, cube, _ = write_enmap_l2a(tmp_path / "a", xml=False, layers=False)
+    meta = formats.convert(os.path.join(folder, ENMAP_STEM + "-SPECTRAL_IMAGE.TIF"), str(tmp_path / "s"))
+    assert meta["value_scale"] == pytest.approx(1e-4) and meta["wavelengths_nm"] == ENMAP_WL
+    assert meta["bad_bands"] == [] and meta["source"].get("masked_pixels") is None
+    gains = [1e-4] * 7 + [2e-4]
+    folder, cube, flagged = write_enmap_l2a(tmp_path / "b", gains=gains)
+    meta = formats.convert(folder, str(tmp_path / "r"))
+    assert meta["value_scale"] == 1.0 and meta["nodata"] is None and meta["bad_bands"] == [4, 5]
+    written = tifffile.imread(tmp_path / "r" / "image.tif")
+    expected = np.where(cube == -32768, np.nan, cube * np.float32(gains)[:, None, None]).astype(np.float32)
+    expected[:, flagged] = np.nan
+    assert written.dtype == np.float32
+    np.testing.assert_allclose(written, expected, rtol=1e-6)
+    ds = data.load_dataset(str(tmp_path / "r"), cache_dir=cache_dir)
+    assert ds.band_ids == [0, 1, 2, 3, 6, 7] and ds.mean[-1] == pytest.approx(np.nanmean(expected[7]), rel=1e-5)
+
+
+def test_product_errors_are_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    l1c = tmp_path / "l1c"
+    write_enmap_l2a(l1c, layers=False)
+    os.rename(l1c / f"{ENMAP_STEM}-SPECTRAL_IMAGE.TIF", l1c / f"{ENMAP_STEM.replace('L2A', 'L1C')}-SPECTRAL_IMAGE.TIF")
+    with pytest.raises(DataError, match=r"L1C-DT.*SPECTRAL_IMAGE.TIF: an EnMAP L1C product \(radiance\)"):
+        formats.read_image(str(l1c))
+    with pytest.raises(DataError, match=r"QL_QUALITY_SNOW.TIF: no such file \(--masks snow\); the product's quality "
+                                        "layers: none"):
+        formats.read_image(write_enmap_l2a(tmp_path / "bare", layers=False)[0], masks=["snow"])
+    plain = write_envi(tmp_path / "plain.img", cube_and_gt(bands=3)[0])
+    with pytest.raises(DataError, match="--masks: .*plain.hdr is not an EnMAP product"):
+        formats.read_image(plain, masks=["cloud"])
+    with pytest.raises(DataError, match=r"empty: no \*-SPECTRAL_IMAGE.TIF in this folder"):
+        os.makedirs(tmp_path / "empty")
+        formats.read_image(str(tmp_path / "empty"))
+    # Through the command line: one line on stderr, exit status 2, no traceback.
+    monkeypatch.setattr(sys, "argv", ["formats.py"])
+    with pytest.raises(SystemExit) as exit_:
+        common.run_cli(lambda: formats.main([str(l1c), "--out", str(tmp_path / "o")]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "EnMAP L1C" in err
+
+
+@pytest.mark.parametrize("product", ["enmap"])
+def test_a_converted_product_trains(tmp_path, cache_dir, product):
+    size = (10, 11)
+    src = {"enmap": lambda: write_enmap_l2a(tmp_path / ENMAP_STEM, size=size)[0]}
+    scene = str(tmp_path / "scene")
+    ds = formats.main([src[product](), "--out", scene, "--cache-dir", cache_dir])
+    pretrain_mae.main(["--data", scene, "--out", str(tmp_path / "mae"), "--cache-dir", cache_dir, "--steps", "2",
+                       "--size", "micro", "--img-size", "8", "--patch-size", "4", "--batch-size", "2",
+                       "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "0"])
+    ckpt = torch.load(tmp_path / "mae" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["backbone"]["bands"]["ids"] == ds.band_ids
+    assert ckpt["backbone"]["bands"]["wavelengths"] == pytest.approx(ds.wavelengths)
