@@ -6,11 +6,13 @@ reads with --data.
     python formats.py Indian_pines_corrected.mat --gt Indian_pines_gt.mat --out data/ip  # MATLAB v5 or v7.3
     python formats.py scene.mat:hsi --gt scene.mat:labels --out data/scene            # pick arrays by name
     python formats.py ENMAP01-____L2A-DT0000001867_..._V010302_20230628T165614Z --out data/enmap  # EnMAP L2A
+    python formats.py PRS_L2D_STD_20200524103704_20200524103708_0001.he5 --out data/prisma     # PRISMA L2D
+    python formats.py EMIT_L2A_RFL_001_20230316T045133_2307503_005.nc --out data/emit          # EMIT L2A
 
 ENVI: the header's wavelength (+ units), fwhm, bbl, data ignore value, byte order, header offset and
 reflectance scale factor are used. MATLAB: the 3-D array is the image (rows x cols x bands), the 2-D array of
 --gt the labels. GeoTIFF: GDAL_NODATA and GDAL band metadata. The product is told by its file; it is copied in
-row blocks, never whole in memory. .mat v5 needs scipy, v7.3 h5py: `pip install -r
+row blocks, never whole in memory. .mat v5 needs scipy; .mat v7.3, .he5 and .nc h5py: `pip install -r
 requirements-formats.txt`.
 """
 import argparse
@@ -40,6 +42,7 @@ GDAL_BAND_ITEMS = {"wavelength": ("wavelengths_nm", None), "central_wavelength_u
 NUMBER = r"\s*[-+]?\d*\.?\d+([eE][-+]?\d+)?\s*"
 ENMAP_MASKS = {"cloud": "QL_QUALITY_CLOUD", "cloudshadow": "QL_QUALITY_CLOUDSHADOW", "haze": "QL_QUALITY_HAZE",
                "snow": "QL_QUALITY_SNOW", "pixelmask": "QL_PIXELMASK"}
+PRISMA_SWATH = "HDFEOS/SWATHS/PRS_L2D_HCO"
 EXTRAS = "pip install -r requirements-formats.txt"
 WRITE_BLOCK_VALUES = 1 << 22  # values copied per block when writing image.tif (16 MB of float32)
 BAR_MIN_VALUES = 1 << 26  # a progress bar for images larger than this
@@ -243,7 +246,7 @@ def mat_cube(a, gt_shape=None):
 
 class Blocks:
     """A (C, H, W) cube read in row blocks, never whole: cube[:, y0:y1] is read(y0, y1), a (C, y1 - y0, W)
-    array. The product readers return it for values they scale."""
+    array. The product readers return it for HDF5 files and for values they scale."""
     ndim = 3
 
     def __init__(self, path, shape, dtype, read, close=lambda: None):
@@ -253,7 +256,7 @@ class Blocks:
         y0, y1, _ = key[1].indices(self.shape[1])
         try:
             return self.read(y0, y1)
-        except (OSError, RuntimeError) as e:  # a truncated or corrupt file
+        except (OSError, RuntimeError) as e:  # h5py's errors on truncated or corrupt data
             raise DataError(f"{self.path}: cannot read rows {y0}-{y1 - 1} ({e})") from e
 
     def __del__(self):
@@ -304,6 +307,11 @@ def _h5open(path, what):
         return h5py.File(path, "r")
     except OSError as e:  # truncated or not HDF5
         raise DataError(f"{path}: cannot read {what} file ({e})") from e
+
+
+def _text(v):
+    v = np.ravel(v)[0] if isinstance(v, np.ndarray) else v
+    return (v.decode(errors="replace") if isinstance(v, bytes) else str(v)).strip()
 
 
 # ----------------------------------------------------------------------------- GeoTIFF and EnMAP L2A
@@ -423,6 +431,78 @@ def _flags(path, shape):
     return (m.reshape(-1, *shape) > 0).any(0)
 
 
+# ----------------------------------------------------------------------------- PRISMA L2D and EMIT L2A
+
+def read_prisma(path):
+    """A PRISMA L2D .he5 (HDF-EOS5) -> (Blocks of float32 reflectance, info). VNIR_Cube and SWIR_Cube are
+    (rows, bands, cols) uint16; reflectance = L2Scale<Det>Min + DN x (Max - Min) / 65535; bands with centre
+    wavelength 0 (or List_Cw_<Det>_Flags 0) are unused and left out; pixels with DN 0 in every band lie
+    outside the scene and become NaN. The detectors overlap around 950 nm: VNIR bands at or above the SWIR's
+    shortest wavelength are left out (prismaread's default, join_priority "SWIR"), one band per wavelength."""
+    f = _h5open(path, "PRISMA (HDF-EOS5)")
+    level, swaths = _text(f.attrs.get("Processing_Level", "?")), list(f.get("HDFEOS/SWATHS", {}))
+    if PRISMA_SWATH not in f:
+        raise DataError(f"{path}: a PRISMA L{level.lstrip('L')} file (Processing_Level {level}, swaths "
+                        f"{', '.join(swaths) or 'none'}), not L2D; formats.py reads L2D surface reflectance "
+                        f"({PRISMA_SWATH})" if swaths else f"{path}: not a PRISMA product (no HDFEOS/SWATHS)")
+    dets = []
+    for det in ("Vnir", "Swir"):
+        cube = f.get(f"{PRISMA_SWATH}/Data Fields/{det.upper()}_Cube")
+        keys = [f"List_Cw_{det}", f"List_Fwhm_{det}", f"L2Scale{det}Min", f"L2Scale{det}Max"]
+        missing = [k for k in keys if k not in f.attrs] + ([] if cube is not None else [f"{det.upper()}_Cube"])
+        if missing:
+            raise DataError(f"{path}: no {', '.join(missing)} (a PRISMA L2D file has them)")
+        wl, fwhm, lo, hi = (np.ravel(f.attrs[k]).astype(float) for k in keys)
+        flags = np.ravel(f.attrs.get(f"List_Cw_{det}_Flags", np.ones_like(wl)))
+        if cube.ndim != 3 or not len(wl) == len(fwhm) == len(flags) == cube.shape[1]:
+            raise DataError(f"{path}: {det.upper()}_Cube is {'x'.join(map(str, cube.shape))} (rows, bands, "
+                            f"cols) but List_Cw_{det} has {len(wl)} wavelengths")
+        dets.append(dict(cube=cube, wl=wl, fwhm=fwhm, keep=(wl > 0) & (flags != 0), lo=lo[0], hi=hi[0]))
+    vnir, swir = dets
+    if vnir["cube"].shape[::2] != swir["cube"].shape[::2]:
+        raise DataError(f"{path}: VNIR_Cube and SWIR_Cube differ in size: {vnir['cube'].shape}, {swir['cube'].shape}")
+    vnir["keep"] &= vnir["wl"] < swir["wl"][swir["keep"]].min(initial=np.inf)
+    for d in dets:  # the bands kept, by wavelength (the files list them descending)
+        d["ids"] = np.flatnonzero(d["keep"])[np.argsort(d["wl"][d["keep"]])]
+
+    def read(y0, y1):
+        dn = [d["cube"][y0:y1][:, d["ids"]] for d in dets]  # (k, bands, W) each
+        out = np.concatenate([np.float32(d["lo"]) + x.astype(np.float32) * np.float32((d["hi"] - d["lo"]) / 65535)
+                              for x, d in zip(dn, dets)], 1).transpose(1, 0, 2)
+        out[:, np.logical_and(*[(x == 0).all(1) for x in dn])] = np.nan
+        return out
+    info = {"sensor": "PRISMA", "value_scale": 1.0, "nodata": None,
+            "wavelengths_nm": [round(float(d["wl"][i]), 4) for d in dets for i in d["ids"]],
+            "fwhm_nm": [round(float(d["fwhm"][i]), 4) for d in dets for i in d["ids"]]}
+    shape = (len(info["wavelengths_nm"]), vnir["cube"].shape[0], vnir["cube"].shape[2])
+    return Blocks(path, shape, np.float32, read, f.close), info
+
+
+def read_emit(path):
+    """An EMIT L2A reflectance NetCDF -> (Blocks, info): `reflectance` (downtrack, crosstrack, bands) float32
+    in swath geometry (not orthorectified: the location group's GLT is not applied), its _FillValue (-9999)
+    as nodata, sensor_band_parameters' wavelengths, fwhm and good_wavelengths (0 -> bad_bands)."""
+    f = _h5open(path, "EMIT (NetCDF4)")
+    r, bp = f.get("reflectance"), f.get("sensor_band_parameters")
+    if r is None or r.ndim != 3:
+        raise DataError(f"{path}: no 3-D 'reflectance' variable{' (an EMIT L1B radiance file?)' * ('radiance' in f)}"
+                        "; formats.py reads EMIT L2A reflectance (EMIT_L2A_RFL_*.nc)")
+    if bp is None or "wavelengths" not in bp:
+        raise DataError(f"{path}: no sensor_band_parameters/wavelengths (an EMIT L2A file has them)")
+    wl = np.ravel(bp["wavelengths"][()]).astype(float)
+    if len(wl) != r.shape[2]:
+        raise DataError(f"{path}: {len(wl)} wavelengths for {r.shape[2]} bands of reflectance")
+    units = _text(bp["wavelengths"].attrs.get("units", "nm"))
+    good = np.ravel(bp["good_wavelengths"][()]) if "good_wavelengths" in bp else np.ones(len(wl))
+    fwhm = to_nm(np.ravel(bp["fwhm"][()]).astype(float).tolist(), units, path) if "fwhm" in bp else None
+    fill = float(np.ravel(r.attrs.get("_FillValue", [-9999]))[0])
+    H, W, C = r.shape
+    info = {"sensor": "EMIT", "value_scale": 1.0, "nodata": _clean_nodata(fill, r.dtype),
+            "wavelengths_nm": to_nm(wl.tolist(), units, path), "fwhm_nm": fwhm,
+            "bad_bands": [int(i) for i in np.flatnonzero(good == 0)]}
+    return Blocks(path, (C, H, W), r.dtype, lambda y0, y1: r[y0:y1].transpose(2, 0, 1), f.close), info
+
+
 def read_wavelengths(path):
     """(wavelengths_nm, fwhm_nm or None) from an ENVI header, an EnMAP METADATA.XML, or a text file of
     numbers (one per band; whitespace, comma or newline separated; micrometres when all are below 100)."""
@@ -460,7 +540,7 @@ def split_var(spec):
 
 def read_image(spec, gt_shape=None, masks=None):
     """An image in any supported format -> ((C, H, W) array, memory map or Blocks, info for meta.json).
-    The product is told by the file: a folder or *SPECTRAL_IMAGE*.TIF is EnMAP."""
+    The product is told by the file: a folder or *SPECTRAL_IMAGE*.TIF is EnMAP, .he5 PRISMA, .nc EMIT."""
     path, var = split_var(spec)
     ext = os.path.splitext(path)[1].lower()
     if not os.path.exists(path):
@@ -472,7 +552,8 @@ def read_image(spec, gt_shape=None, masks=None):
         raise DataError(f"--masks: {path} is not an EnMAP product; quality layers are read from EnMAP L2A products")
     if ext == ".mat":
         return mat_cube(read_mat(path, var, 3)[1], gt_shape), {}
-    readers = {".tif": read_tiff, ".tiff": read_tiff, ".npy": lambda p: (np.load(p, mmap_mode="r"), {})}
+    readers = {".tif": read_tiff, ".tiff": read_tiff, ".he5": read_prisma, ".nc": read_emit,
+               ".npy": lambda p: (np.load(p, mmap_mode="r"), {})}
     cube, info = read_enmap(path, masks) if enmap else readers.get(ext, read_envi)(path)
     if cube.ndim != 3:
         raise DataError(f"{path}: expected a (bands, H, W) array, got shape {cube.shape}")
@@ -614,7 +695,7 @@ def convert(src, out, gt=None, name=None, wavelengths=None, bad_bands=(), nodata
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="image: ENVI header or binary, .mat[:VAR] (the 3-D array unless VAR), GeoTIFF, .npy, "
-                   "EnMAP L2A folder or SPECTRAL_IMAGE.TIF")
+                   "EnMAP L2A folder or SPECTRAL_IMAGE.TIF, PRISMA L2D .he5, EMIT L2A .nc")
     p.add_argument("--gt", default=None, help="labels FILE[:VAR] (0 = unlabelled, 1..K): .mat (the 2-D array unless "
                    "VAR; may be the image's file), ENVI classification, TIFF or .npy")
     p.add_argument("--out", required=True, help="scene folder to write")
