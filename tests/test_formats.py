@@ -205,6 +205,7 @@ def test_mat_without_the_extras_names_what_to_install(tmp_path, monkeypatch):
     cube, _ = cube_and_gt()
     scipy_io.savemat(tmp_path / "v5.mat", {"a": cube})
     path73 = write_mat73(tmp_path / "v73.mat", {"a": cube})
+    he5, _ = write_prisma(tmp_path / "PRS_L2D_STD_x.he5")
     monkeypatch.setitem(sys.modules, "scipy", None)
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(DataError, match="v5.mat: reading MATLAB v5 files needs scipy, which is not installed: "
@@ -212,6 +213,9 @@ def test_mat_without_the_extras_names_what_to_install(tmp_path, monkeypatch):
         formats.read_image(str(tmp_path / "v5.mat"))
     with pytest.raises(DataError, match=r"v73.mat: reading MATLAB v7.3 \(HDF5\) files needs h5py"):
         formats.read_image(path73)
+    with pytest.raises(DataError, match=r"x.he5: reading PRISMA \(HDF-EOS5\) files needs h5py, which is not installed: "
+                                        "pip install -r requirements-formats.txt"):
+        formats.read_image(he5)
 
 
 # ----------------------------------------------------------------------------- GeoTIFF products (EnMAP L2A)
