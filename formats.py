@@ -267,7 +267,7 @@ def release(a):
     """Drop the pages of the memory map `a` from this process: pages read through a map count as resident
     (peak RSS would grow to the file's size) until released; the page cache keeps them."""
     mm = getattr(a, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise"):
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS
         mm.madvise(mmap.MADV_DONTNEED)
 
 
@@ -391,7 +391,7 @@ def read_enmap(path, masks=None):
     reads it, METADATA.XML's wavelengths, FWHM, gains/offsets and empty bands over the GDAL metadata, and the
     quality layers `masks` (names of ENMAP_MASKS; default: every one the product has) as flagged pixels."""
     if os.path.isdir(path):
-        found = sorted(n for n in os.listdir(path) if re.search(r"SPECTRAL_IMAGE\.TIF$", n, re.I))
+        found = sorted(n for n in os.listdir(path) if re.search(r"SPECTRAL_IMAGE\w*\.TIFF?$", n, re.I))
         if len(found) != 1:
             raise DataError(f"{path}: {'no' if not found else 'several'} *-SPECTRAL_IMAGE.TIF in this folder "
                             f"(an EnMAP L2A product folder has one){': ' + ', '.join(found) if found else ''}")
@@ -548,7 +548,7 @@ def read_image(spec, gt_shape=None, masks=None):
     enmap = os.path.isdir(path) or (ext in (".tif", ".tiff") and "SPECTRAL_IMAGE" in os.path.basename(path).upper())
     if var is not None and ext != ".mat":
         raise DataError(f"{spec}: ':{var}' picks an array of a .mat file, but this is a {ext or 'file'}")
-    if masks is not None and not enmap:
+    if masks and not enmap:
         raise DataError(f"--masks: {path} is not an EnMAP product; quality layers are read from EnMAP L2A products")
     if ext == ".mat":
         return mat_cube(read_mat(path, var, 3)[1], gt_shape), {}
