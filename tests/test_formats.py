@@ -587,6 +587,23 @@ def test_products_are_converted_in_row_blocks(tmp_path, monkeypatch):
     with tifffile.TiffFile(tmp_path / "s" / "image.tif") as tif:
         assert tif.series[0].dataoffset is not None and tif.pages[0].compression == 1
         np.testing.assert_array_equal(tif.series[0].asarray(), cube.transpose(2, 0, 1))
+    # A product whose data cannot be read past row 5: one error naming it, and no half-written scene.
+    real_read_emit = formats.read_emit
+
+    def cut_after_5_rows(path):
+        cube, info = real_read_emit(path)
+        read = cube.read
+
+        def read_rows(y0, y1):
+            if y0 >= 5:
+                raise OSError("Can't synchronously read data (inflate() failed)")  # h5py's on a damaged chunk
+            return read(y0, y1)
+        cube.read = read_rows
+        return cube, info
+    monkeypatch.setattr(formats, "read_emit", cut_after_5_rows)
+    with pytest.raises(DataError, match=r"EMIT_L2A_RFL_.*\.nc: cannot read rows 5-9"):
+        formats.convert(path, str(tmp_path / "cut"))
+    assert os.listdir(tmp_path / "cut") == []
 
 
 @pytest.mark.parametrize("product", ["enmap", "prisma", "emit"])
