@@ -3,12 +3,14 @@ errors, and a converted product with dead and bad bands that trains, evaluates a
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import tifffile
 import torch
 
+import common
 import data
 import eval as evaluation
 import finetune_seg
@@ -203,6 +205,7 @@ def test_mat_without_the_extras_names_what_to_install(tmp_path, monkeypatch):
     cube, _ = cube_and_gt()
     scipy_io.savemat(tmp_path / "v5.mat", {"a": cube})
     path73 = write_mat73(tmp_path / "v73.mat", {"a": cube})
+    he5, _ = write_prisma(tmp_path / "PRS_L2D_STD_x.he5")
     monkeypatch.setitem(sys.modules, "scipy", None)
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(DataError, match="v5.mat: reading MATLAB v5 files needs scipy, which is not installed: "
@@ -210,6 +213,9 @@ def test_mat_without_the_extras_names_what_to_install(tmp_path, monkeypatch):
         formats.read_image(str(tmp_path / "v5.mat"))
     with pytest.raises(DataError, match=r"v73.mat: reading MATLAB v7.3 \(HDF5\) files needs h5py"):
         formats.read_image(path73)
+    with pytest.raises(DataError, match=r"x.he5: reading PRISMA \(HDF-EOS5\) files needs h5py, which is not installed: "
+                                        "pip install -r requirements-formats.txt"):
+        formats.read_image(he5)
 
 
 # ----------------------------------------------------------------------------- GeoTIFF products (EnMAP L2A)
@@ -315,3 +321,302 @@ def test_product_with_dead_and_bad_bands_trains_evaluates_and_reads_the_next_pro
     with pytest.raises(ValueError, match=r"bands: the checkpoint reads 5 bands, the data now 5; only the checkpoint "
                                          r"reads \[1\], only the data \[0\]"):
         finetune_seg.main([*pixel, "--resume", "--steps", "2"])
+
+
+# ----------------------------------------------------------------------------- spaceborne products as distributed
+
+ENMAP_STEM = "ENMAP01-____L2A-DT0000001867_20220724T104526Z_008_V010302_20230628T165614Z"
+ENMAP_WL = [418.2, 552.7, 681.9, 863.4, 1391.1, 1902.3, 2201.0, 2440.3]
+ENMAP_FLAGS = {"CLOUD": [(1, 1), (1, 2)], "CLOUDSHADOW": [(2, 1)], "HAZE": [(3, 3)], "SNOW": [(4, 4)]}
+
+
+def write_enmap_l2a(folder, size=(6, 7), gains=None, xml=True, layers=True, seed=0):
+    """An EnMAP L2A product folder as DLR delivers it: SPECTRAL_IMAGE.TIF, int16 reflectance x 1e4, one band
+    per plane, GDAL_NODATA -32768 (the two water-vapour bands and the corner outside the swath) and GDAL band
+    metadata (wavelength, fwhm, SCALE and OFFSET items); METADATA.XML (specific/bandCharacterisation:
+    wavelengthCenterOfBand, FWHMOfBand, GainOfBand, OffsetOfBand; product/bandStatistics, the empty bands at
+    mean -1000000 and stdDeviation 0); uint8 quality layers, 1 = flagged. QL_PIXELMASK is written per band
+    here; a single-band layer reads the same way."""
+    os.makedirs(folder, exist_ok=True)
+    rng, (H, W), C = np.random.default_rng(seed), size, len(ENMAP_WL)
+    gains = gains or [1e-4] * C
+    cube = rng.integers(300, 6000, (C, H, W)).astype(np.int16)
+    cube[[4, 5]] = -32768
+    cube[:, 0, :2] = -32768
+    stem = os.path.join(folder, ENMAP_STEM)
+    items = "".join(f'<Item name="wavelength" sample="{i}">{w}</Item><Item name="fwhm" sample="{i}">7.5</Item>'
+                    f'<Item name="OFFSET" sample="{i}" role="offset">0</Item>'
+                    f'<Item name="SCALE" sample="{i}" role="scale">{g}</Item>'
+                    for i, (w, g) in enumerate(zip(ENMAP_WL, gains)))
+    gdal = f'<GDALMetadata><Item name="wavelength_units">Nanometers</Item>{items}</GDALMetadata>'
+    tifffile.imwrite(stem + "-SPECTRAL_IMAGE.TIF", cube, planarconfig="separate", photometric="minisblack",
+                     extratags=[(42113, "s", 0, "-32768", True), (42112, "s", 0, gdal, True)])
+    if xml:
+        chars = "".join(f'<bandID number="{i + 1}"><wavelengthCenterOfBand>{w}</wavelengthCenterOfBand><FWHMOfBand>'
+                        f"7.5</FWHMOfBand><GainOfBand>{g}</GainOfBand><OffsetOfBand>0</OffsetOfBand></bandID>"
+                        for i, (w, g) in enumerate(zip(ENMAP_WL, gains)))
+        stats = "".join(f'<bandID number="{i + 1}"><mean>{-1000000 if i in (4, 5) else 2500}</mean><stdDeviation>'
+                        f"{0 if i in (4, 5) else 800}</stdDeviation></bandID>" for i in range(C))
+        with open(stem + "-METADATA.XML", "w") as f:
+            f.write(f'<?xml version="1.0" encoding="UTF-8"?><level_X><base><level>L2A</level></base><specific>'
+                    f"<bandCharacterisation>{chars}</bandCharacterisation></specific><product><bandStatistics>"
+                    f"{stats}</bandStatistics></product></level_X>")
+    flagged = np.zeros((H, W), bool)
+    if layers:
+        for name, pixels in ENMAP_FLAGS.items():
+            m = np.zeros((H, W), np.uint8)
+            m[tuple(zip(*pixels))] = 1
+            tifffile.imwrite(f"{stem}-QL_QUALITY_{name}.TIF", m)
+            flagged |= m > 0
+        pixelmask = np.zeros((C, H, W), np.uint8)
+        pixelmask[2, 5, 6] = 1
+        tifffile.imwrite(f"{stem}-QL_PIXELMASK.TIF", pixelmask, photometric="minisblack")
+        flagged[5, 6] = True
+        tifffile.imwrite(f"{stem}-QL_QUALITY_CIRRUS.TIF", np.ones((H, W), np.uint8))  # not a layer formats.py uses
+        tifffile.imwrite(f"{stem}-QL_QUALITY_CLASSES.TIF", np.ones((H, W), np.uint8))
+    return str(folder), cube, flagged
+
+
+PRISMA_VNIR_WL = [0.0, 975.4, 951.0, 700.2, 550.7, 420.3]  # descending, the first unused, as in the files
+PRISMA_SWIR_WL = [2450.1, 2000.6, 1500.3, 1000.9, 945.2, 0.0]  # the last unused
+
+
+def write_prisma(path, level="2D", size=(6, 7), seed=0):
+    """A PRISMA .he5 (HDF-EOS5) as ASI delivers it: root attributes Processing_Level ("1", "2B", "2C", "2D"),
+    List_Cw_Vnir/Swir (descending, unused bands at 0 nm), List_Cw_*_Flags, List_Fwhm_*, L2Scale*Min/Max;
+    uint16 VNIR_Cube and SWIR_Cube stored (rows, bands, cols) in HDFEOS/SWATHS/PRS_L<level>_HCO/Data Fields,
+    Geolocation Fields beside them. The pixel (0, 0) is outside the scene (DN 0 in every band)."""
+    h5py = pytest.importorskip("h5py")
+    rng, (H, W) = np.random.default_rng(seed), size
+    cubes = {d: rng.integers(1000, 60000, (H, 6, W)).astype(np.uint16) for d in ("VNIR", "SWIR")}
+    for c in cubes.values():
+        c[0, :, 0] = 0
+    with h5py.File(path, "w") as f:
+        a = f.attrs
+        a["Processing_Level"], a["Product_ID"] = np.bytes_(level), np.bytes_(f"PRS_L{level}_STD")
+        for det, wl in (("Vnir", PRISMA_VNIR_WL), ("Swir", PRISMA_SWIR_WL)):
+            a[f"List_Cw_{det}"] = np.float32(wl)
+            a[f"List_Cw_{det}_Flags"] = np.uint8([w > 0 for w in wl])
+            a[f"List_Fwhm_{det}"] = np.float32([12.0 if w > 0 else 0.0 for w in wl])
+        a["L2ScaleVnirMin"], a["L2ScaleVnirMax"] = np.float32(0.0), np.float32(1.0)
+        a["L2ScaleSwirMin"], a["L2ScaleSwirMax"] = np.float32(-0.02), np.float32(0.8)
+        swath = f"HDFEOS/SWATHS/PRS_L{level}_HCO"
+        for det, c in cubes.items():
+            f.create_dataset(f"{swath}/Data Fields/{det}_Cube", data=c)
+            f.create_dataset(f"{swath}/Data Fields/{det}_PIXEL_L2_ERR_MATRIX", data=np.zeros_like(c, np.uint8))
+        for name in ("Latitude", "Longitude"):
+            f.create_dataset(f"{swath}/Geolocation Fields/{name}", data=np.zeros((H, W), np.float32))
+        f.create_dataset("HDFEOS INFORMATION/StructMetadata.0", data=np.bytes_("GROUP=SwathStructure\nEND_GROUP\n"))
+    return str(path), cubes
+
+
+def prisma_reflectance(cubes):
+    """What the PRISMA fixture should convert to: VNIR 420, 550, 700 nm (975 and 951 overlap the SWIR),
+    SWIR 945 .. 2450 nm, as reflectance; NaN outside the scene."""
+    v = cubes["VNIR"][:, [5, 4, 3]].astype(np.float64) / 65535
+    s = -0.02 + cubes["SWIR"][:, [4, 3, 2, 1, 0]].astype(np.float64) * 0.82 / 65535
+    out = np.concatenate([v, s], 1).transpose(1, 0, 2)
+    out[:, 0, 0] = np.nan
+    return out
+
+
+def write_emit(path, size=(6, 7), bands=10, seed=0, variable="reflectance", band_parameters=True):
+    """An EMIT L2A RFL NetCDF4 as LP DAAC serves it, written through h5py: netCDF dimension scales, root
+    variable reflectance (downtrack, crosstrack, bands) float32 with _FillValue -9999 (the pixels off the
+    swath), sensor_band_parameters (wavelengths and fwhm in nm, good_wavelengths: 0 in the water-vapour bands)
+    and location (lat, lon, elev, glt_x, glt_y)."""
+    h5py = pytest.importorskip("h5py")
+    rng, (H, W) = np.random.default_rng(seed), size
+    cube = rng.uniform(0.02, 0.6, (H, W, bands)).astype(np.float32)
+    cube[0, :3] = -9999
+    good = np.ones(bands, np.uint8)
+    good[[3, 4]] = 0
+    with h5py.File(path, "w") as f:
+        f.attrs["ncei_template_version"] = "NCEI_NetCDF_Swath_Template_v2.0"
+        f.attrs["geotransform"] = np.float64([-118.0, 0.0005, 0, 36.0, 0, -0.0005])
+        for name, n in (("downtrack", H), ("crosstrack", W), ("bands", bands)):
+            f.create_dataset(name, (n,), "f4").make_scale("This is a netCDF dimension but not a netCDF variable.")
+        r = f.create_dataset(variable, data=cube, fillvalue=np.float32(-9999))
+        r.attrs["_FillValue"], r.attrs["units"] = np.float32([-9999]), "unitless"
+        for i, dim in enumerate(("downtrack", "crosstrack", "bands")):
+            r.dims[i].attach_scale(f[dim])
+        if band_parameters:
+            bp = f.create_group("sensor_band_parameters")
+            bp.create_dataset("wavelengths", data=np.float32(381 + 200 * np.arange(bands))).attrs["units"] = "nm"
+            bp.create_dataset("fwhm", data=np.full(bands, 8.5, np.float32)).attrs["units"] = "nm"
+            bp.create_dataset("good_wavelengths", data=good)
+        loc = f.create_group("location")
+        for name in ("lat", "lon", "elev"):
+            loc.create_dataset(name, data=np.zeros((H, W), np.float64))
+        for name in ("glt_x", "glt_y"):
+            loc.create_dataset(name, data=np.zeros((H + 2, W + 2), np.int32))
+    return str(path), cube
+
+
+def valid_pixels(ds):
+    """(H, W) bool: the pixels of a converted scene that data.py reads as valid."""
+    _, H, W = ds.rasters[0].image.shape
+    valid = ds.physical(np.asarray(ds.read(0, 0, H, 0, W)))[1]
+    return np.ones((H, W), bool) if valid is None else valid
+
+
+def test_enmap_l2a_product_folder_scale_bands_and_quality_layers(tmp_path, cache_dir, capsys):
+    folder, cube, flagged = write_enmap_l2a(tmp_path / ENMAP_STEM)
+    out = tmp_path / "enmap"
+    with warnings.catch_warnings(record=True) as caught:  # tifffile's "reading value from closed file" is gone
+        warnings.simplefilter("always")
+        ds = formats.main([folder, "--out", str(out), "--cache-dir", cache_dir])
+    assert [str(w.message) for w in caught if "closed file" in str(w.message)] == []
+    meta = json.load(open(out / "meta.json"))
+    assert meta["value_scale"] == pytest.approx(1e-4) and meta["nodata"] == -32768 and meta["sensor"] == "EnMAP"
+    assert meta["bad_bands"] == [4, 5] and meta["wavelengths_nm"] == ENMAP_WL and meta["fwhm_nm"] == [7.5] * 8
+    assert meta["source"]["masked_pixels"] == {"cloud": 2, "cloudshadow": 1, "haze": 1, "snow": 1, "pixelmask": 1}
+    expected = cube.copy()
+    expected[:, flagged] = -32768  # six flagged pixels, every band
+    np.testing.assert_array_equal(tifffile.imread(out / "image.tif"), expected)
+    printed = capsys.readouterr().out
+    assert "quality layers set to nodata: cloud 2 px, cloudshadow 1 px, haze 1 px, snow 1 px, pixelmask 1 px" in printed
+    assert ds.value_scale == pytest.approx(1e-4) and ds.band_ids == [0, 1, 2, 3, 6, 7]
+    outside = np.zeros((6, 7), bool)
+    outside[0, :2] = True
+    np.testing.assert_array_equal(valid_pixels(ds), ~(flagged | outside))
+    only_cloud = formats.convert(folder, str(tmp_path / "cloud"), masks=["cloud"])
+    assert only_cloud["source"]["masked_pixels"] == {"cloud": 2}
+    assert (tifffile.imread(tmp_path / "cloud" / "image.tif")[:, 1, 1:3] == -32768).all()
+    formats.main([folder, "--masks", "none", "--out", str(tmp_path / "none"), "--cache-dir", cache_dir])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "none" / "image.tif"), cube)
+    with pytest.raises(ValueError, match="--masks: unknown quality layer 'cirrus'; choose from cloud, cloudshadow"):
+        formats.convert(folder, str(tmp_path / "x"), masks=["cirrus"])
+
+
+def test_enmap_geotiff_alone_and_per_band_gains(tmp_path, cache_dir):
+    """Without METADATA.XML the GDAL band metadata gives wavelengths and scale; gains that differ between
+    bands are applied, so image.tif holds float32 reflectance with NaN for nodata and flagged pixels."""
+    folder, cube, _ = write_enmap_l2a(tmp_path / "a", xml=False, layers=False)
+    meta = formats.convert(os.path.join(folder, ENMAP_STEM + "-SPECTRAL_IMAGE.TIF"), str(tmp_path / "s"))
+    assert meta["value_scale"] == pytest.approx(1e-4) and meta["wavelengths_nm"] == ENMAP_WL
+    assert meta["bad_bands"] == [] and meta["source"].get("masked_pixels") is None
+    gains = [1e-4] * 7 + [2e-4]
+    folder, cube, flagged = write_enmap_l2a(tmp_path / "b", gains=gains)
+    meta = formats.convert(folder, str(tmp_path / "r"))
+    assert meta["value_scale"] == 1.0 and meta["nodata"] is None and meta["bad_bands"] == [4, 5]
+    written = tifffile.imread(tmp_path / "r" / "image.tif")
+    expected = np.where(cube == -32768, np.nan, cube * np.float32(gains)[:, None, None]).astype(np.float32)
+    expected[:, flagged] = np.nan
+    assert written.dtype == np.float32
+    np.testing.assert_allclose(written, expected, rtol=1e-6)
+    ds = data.load_dataset(str(tmp_path / "r"), cache_dir=cache_dir)
+    assert ds.band_ids == [0, 1, 2, 3, 6, 7] and ds.mean[-1] == pytest.approx(np.nanmean(expected[7]), rel=1e-5)
+
+
+def test_prisma_l2d_joins_vnir_and_swir_in_wavelength_order(tmp_path, cache_dir):
+    path, cubes = write_prisma(tmp_path / "PRS_L2D_STD_20200524103704_20200524103708_0001.he5")
+    ds = formats.main([path, "--out", str(tmp_path / "p"), "--cache-dir", cache_dir])
+    meta = json.load(open(tmp_path / "p" / "meta.json"))
+    assert meta["wavelengths_nm"] == pytest.approx([420.3, 550.7, 700.2, 945.2, 1000.9, 1500.3, 2000.6, 2450.1])
+    assert meta["fwhm_nm"] == [12.0] * 8 and meta["sensor"] == "PRISMA" and meta["value_scale"] == 1.0
+    written = tifffile.imread(tmp_path / "p" / "image.tif")
+    assert written.dtype == np.float32 and written.shape == (8, 6, 7)
+    np.testing.assert_allclose(written, prisma_reflectance(cubes), rtol=1e-6, atol=1e-7)
+    assert ds.band_ids == list(range(8)) and valid_pixels(ds).sum() == 6 * 7 - 1 and not valid_pixels(ds)[0, 0]
+
+
+def test_emit_l2a_reflectance_with_bad_wavelengths_and_fill(tmp_path, cache_dir):
+    path, cube = write_emit(tmp_path / "EMIT_L2A_RFL_001_20230316T045133_2307503_005.nc")
+    ds = formats.main([path, "--out", str(tmp_path / "e"), "--cache-dir", cache_dir])
+    meta = json.load(open(tmp_path / "e" / "meta.json"))
+    assert meta["bad_bands"] == [3, 4] and meta["nodata"] == -9999 and meta["value_scale"] == 1.0
+    assert meta["wavelengths_nm"][:2] == [381, 581] and meta["fwhm_nm"] == [8.5] * 10 and meta["sensor"] == "EMIT"
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "e" / "image.tif"), cube.transpose(2, 0, 1))
+    assert ds.band_ids == [0, 1, 2, 5, 6, 7, 8, 9] and valid_pixels(ds).sum() == 6 * 7 - 3
+
+
+def test_product_errors_are_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    l1, _ = write_prisma(tmp_path / "PRS_L1_STD_OFFL_20200524103704_20200524103708_0001.he5", level="1")
+    with pytest.raises(DataError, match=r"PRS_L1_STD_OFFL_.*he5: a PRISMA L1 file \(Processing_Level 1, swaths "
+                                        r"PRS_L1_HCO\), not L2D; formats.py reads L2D"):
+        formats.read_image(l1)
+    l2d, _ = write_prisma(tmp_path / "PRS_L2D_STD_1.he5")
+    with open(l2d, "rb") as f:
+        (tmp_path / "PRS_L2D_STD_cut.he5").write_bytes(f.read()[:3000])
+    with pytest.raises(DataError, match=r"PRS_L2D_STD_cut.he5: cannot read PRISMA \(HDF-EOS5\) file .*truncated"):
+        formats.read_image(str(tmp_path / "PRS_L2D_STD_cut.he5"))
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(l2d, "a") as f:
+        del f.attrs["List_Cw_Swir"]
+    with pytest.raises(DataError, match="PRS_L2D_STD_1.he5: no List_Cw_Swir \\(a PRISMA L2D file has them\\)"):
+        formats.read_image(l2d)
+    nowl, _ = write_emit(tmp_path / "EMIT_L2A_RFL_nowl.nc", band_parameters=False)
+    with pytest.raises(DataError, match="EMIT_L2A_RFL_nowl.nc: no sensor_band_parameters/wavelengths"):
+        formats.read_image(nowl)
+    rad, _ = write_emit(tmp_path / "EMIT_L1B_RAD_001.nc", variable="radiance")
+    with pytest.raises(DataError, match=r"EMIT_L1B_RAD_001.nc: no 3-D 'reflectance' variable \(an EMIT L1B radiance"):
+        formats.read_image(rad)
+    l1c = tmp_path / "l1c"
+    write_enmap_l2a(l1c, layers=False)
+    os.rename(l1c / f"{ENMAP_STEM}-SPECTRAL_IMAGE.TIF", l1c / f"{ENMAP_STEM.replace('L2A', 'L1C')}-SPECTRAL_IMAGE.TIF")
+    with pytest.raises(DataError, match=r"L1C-DT.*SPECTRAL_IMAGE.TIF: an EnMAP L1C product \(radiance\)"):
+        formats.read_image(str(l1c))
+    with pytest.raises(DataError, match=r"QL_QUALITY_SNOW.TIF: no such file \(--masks snow\); the product's quality "
+                                        "layers: none"):
+        formats.read_image(write_enmap_l2a(tmp_path / "bare", layers=False)[0], masks=["snow"])
+    plain = write_envi(tmp_path / "plain.img", cube_and_gt(bands=3)[0])
+    with pytest.raises(DataError, match="--masks: .*plain.hdr is not an EnMAP product"):
+        formats.read_image(plain, masks=["cloud"])
+    with pytest.raises(DataError, match=r"empty: no \*-SPECTRAL_IMAGE.TIF in this folder"):
+        os.makedirs(tmp_path / "empty")
+        formats.read_image(str(tmp_path / "empty"))
+    # Through the command line: one line on stderr, exit status 2, no traceback.
+    monkeypatch.setattr(sys, "argv", ["formats.py"])
+    with pytest.raises(SystemExit) as exit_:
+        common.run_cli(lambda: formats.main([l1, "--out", str(tmp_path / "o")]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "not L2D" in err
+
+
+def test_products_are_converted_in_row_blocks(tmp_path, monkeypatch):
+    """The image is copied a few rows at a time (the 1.8 GB figure: docs/formats.md); the result is an
+    uncompressed, contiguous TIFF that data.py maps in place."""
+    path, cube = write_emit(tmp_path / "EMIT_L2A_RFL_001_20230316T045133_2307503_005.nc", size=(12, 7))
+    monkeypatch.setattr(formats, "WRITE_BLOCK_VALUES", 10 * 7 * 5)  # 5 rows of 10 bands x 7 px
+    spans, real = [], formats.Blocks.__getitem__
+    monkeypatch.setattr(formats.Blocks, "__getitem__",
+                        lambda self, key: spans.append(key[1].indices(self.shape[1])[:2]) or real(self, key))
+    formats.convert(path, str(tmp_path / "s"))
+    assert spans == [(0, 5), (5, 10), (10, 12)]
+    with tifffile.TiffFile(tmp_path / "s" / "image.tif") as tif:
+        assert tif.series[0].dataoffset is not None and tif.pages[0].compression == 1
+        np.testing.assert_array_equal(tif.series[0].asarray(), cube.transpose(2, 0, 1))
+    # A product whose data cannot be read past row 5: one error naming it, and no half-written scene.
+    real_read_emit = formats.read_emit
+
+    def cut_after_5_rows(path):
+        cube, info = real_read_emit(path)
+        read = cube.read
+
+        def read_rows(y0, y1):
+            if y0 >= 5:
+                raise OSError("Can't synchronously read data (inflate() failed)")  # h5py's on a damaged chunk
+            return read(y0, y1)
+        cube.read = read_rows
+        return cube, info
+    monkeypatch.setattr(formats, "read_emit", cut_after_5_rows)
+    with pytest.raises(DataError, match=r"EMIT_L2A_RFL_.*\.nc: cannot read rows 5-9"):
+        formats.convert(path, str(tmp_path / "cut"))
+    assert os.listdir(tmp_path / "cut") == []
+
+
+@pytest.mark.parametrize("product", ["enmap", "prisma", "emit"])
+def test_a_converted_product_trains(tmp_path, cache_dir, product):
+    size = (10, 11)
+    src = {"enmap": lambda: write_enmap_l2a(tmp_path / ENMAP_STEM, size=size)[0],
+           "prisma": lambda: write_prisma(tmp_path / "PRS_L2D_STD_20200524103704_0001.he5", size=size)[0],
+           "emit": lambda: write_emit(tmp_path / "EMIT_L2A_RFL_001_20230316T045133_2307503_005.nc", size=size)[0]}
+    scene = str(tmp_path / "scene")
+    ds = formats.main([src[product](), "--out", scene, "--cache-dir", cache_dir])
+    pretrain_mae.main(["--data", scene, "--out", str(tmp_path / "mae"), "--cache-dir", cache_dir, "--steps", "2",
+                       "--size", "micro", "--img-size", "8", "--patch-size", "4", "--batch-size", "2",
+                       "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "0"])
+    ckpt = torch.load(tmp_path / "mae" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["backbone"]["bands"]["ids"] == ds.band_ids
+    assert ckpt["backbone"]["bands"]["wavelengths"] == pytest.approx(ds.wavelengths)
