@@ -1,13 +1,11 @@
-"""Hyperspectral data: readers for WHU-OHS and scene folders, band validity (bad and all-nodata bands
-dropped), per-band float32 normalisation, tiling, HSI augmentations, sparse-label splits and the
-step-indexed loader every trainer uses. Other file formats (ENVI, MATLAB .mat, GeoTIFF products) are
-converted to scene folders by formats.py.
-
-Reflectance is never quantised and tiles are cut, never resized: a 64x64 training tile is a 64x64 window of
-the 512x512 WHU-OHS tile. Decoded rasters are cached as .npy (or the TIFF itself is memory-mapped when it
-is uncompressed), so the hot loop only slices memory maps.
+"""Hyperspectral data in the order it flows: files and cache, scenes and bands, the wavelength grid, splits,
+per-tile augmentations, the step-indexed loaders; last, the augmentations batched on the device (a GPU needs
+several times the tiles/s CPU workers augment: BENCHMARKS.md). formats.py converts other formats to scene
+folders. Reflectance is never quantised and tiles are cut, never resized; decoded rasters are cached as .npy
+(an uncompressed TIFF is memory-mapped in place), so the hot loop only slices memory maps.
 """
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -22,8 +20,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import tifffile
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from common import DataError, print0
+
+# ----------------------------------------------------------------------------- constants
 
 IGNORE_INDEX = -1
 WHU_SPLITS = ("tr", "val", "ts")
@@ -40,31 +41,21 @@ STATS_MAX_RASTERS = 256        # mean/std from at most this many rasters (WHU-OH
 STATS_BLOCK_VALUES = 1 << 22   # values per block read for statistics (bounds the memory used)
 WAVELENGTH_TOLERANCE_NM = 5.0  # a checkpoint's bands and the data's may differ this much (calibration drift)
 FILE_EXTENSIONS = (".hdr", ".mat", ".tif", ".tiff", ".img", ".dat", ".bsq", ".bil", ".bip", ".raw", ".npy")
+CROP_TRIES = 10                # a random resized crop redraws its box this often until it fits
+PREFETCH = 2                   # batches in flight per loader worker
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file or folder and the problem."""
-
-
-def print0(*args):
-    """Print on rank 0 only (data.py does not depend on common.py)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
-
-
-def default_cache_dir():
-    return os.environ.get("HSI_SSL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hsi-ssl"))
-
-
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- files and cache
 
 class RasterCache:
-    """Memory-mapped rasters for one dataset folder, validated once. manifest.json remembers each file's
-    size/mtime, shape and label maximum so later runs skip decoding and validation entirely."""
+    """Memory-mapped rasters of one dataset folder, validated once: manifest.json remembers each file's
+    size/mtime, shape and label range, so later runs neither decode nor validate again."""
 
     def __init__(self, source, cache_dir):
+        home = os.path.join(os.path.expanduser("~"), ".cache", "hsi-ssl")
         key = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
-        self.dir = os.path.join(cache_dir or default_cache_dir(), f"{os.path.basename(os.path.abspath(source))}-{key}")
+        self.dir = os.path.join(cache_dir or os.environ.get("HSI_SSL_CACHE", home),
+                                f"{os.path.basename(os.path.abspath(source))}-{key}")
         os.makedirs(self.dir, exist_ok=True)
         self.manifest_path = os.path.join(self.dir, "manifest.json")
         self.manifest = _read_json(self.manifest_path) or {}
@@ -75,8 +66,7 @@ class RasterCache:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such file")
         st = os.stat(path)
-        sig = [st.st_size, st.st_mtime_ns]
-        key = os.path.abspath(path)
+        sig, key = [st.st_size, st.st_mtime_ns], os.path.abspath(path)
         entry = self.manifest.get(key)
         if entry is None or entry["sig"] != sig or (entry["npy"] and not os.path.isfile(entry["npy"])):
             entry = self._build(path, sig, label)
@@ -89,7 +79,11 @@ class RasterCache:
         try:
             with _tifffile_errors(path), tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
-                direct = series.axes in ("YX", "SYX", "QYX", "IYX") and _memmappable(series, path)
+                offset = series.dataoffset  # None: compressed or scattered, so decoded into the cache
+                direct = series.axes in ("YX", "SYX", "QYX", "IYX") and offset is not None
+                if direct and offset + series.nbytes > os.path.getsize(path):
+                    raise DataError(f"{path}: truncated TIFF (data ends at byte {offset + series.nbytes}, file has "
+                                    f"{os.path.getsize(path)})")
                 arr = None if direct else series.asarray()
             if direct:
                 arr = tifffile.memmap(path, mode="r")
@@ -118,9 +112,6 @@ class RasterCache:
             entry["npy"] = npy
         return entry
 
-    def signature(self, path):
-        return self.manifest[os.path.abspath(path)]["sig"]
-
     def save(self):
         if self.dirty:
             _write_json(self.manifest_path, self.manifest)
@@ -129,10 +120,9 @@ class RasterCache:
 
 def without_fd(mm):
     """The read-only np.memmap `mm` mapped again by libc's mmap, keeping no file descriptor open: Python's
-    mmap holds one per map, and WHU-OHS's ~10k rasters (image + label per tile) would pass the usual limit
-    of 1024 open files. The map is released when the last array using it is gone. Where libc has no mmap
-    (Windows) or the array is not C-ordered, `mm` itself."""
-    libc = _libc()
+    mmap holds one per map, and WHU-OHS's ~10k rasters would pass the usual limit of 1024 open files. The
+    map goes with the last array using it. `mm` itself where libc has no mmap (Windows) or it is not C-ordered."""
+    libc = _LIBC
     if libc is None or not mm.flags.c_contiguous or mm.size == 0:
         return mm
     start = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
@@ -151,27 +141,18 @@ def without_fd(mm):
     return arr
 
 
-_LIBC = []
-
-
-def _libc():
-    if not _LIBC:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mmap.restype = ctypes.c_void_p
-            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_int64]
-            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        except (OSError, AttributeError):
-            libc = None
-        _LIBC.append(libc)
-    return _LIBC[0]
+try:  # for without_fd
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+    _LIBC.mmap.restype = ctypes.c_void_p
+    _LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    _LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+except (OSError, AttributeError):  # no libc mmap (Windows)
+    _LIBC = None
 
 
 @contextmanager
 def _tifffile_errors(path):
-    """tifffile logs (rather than raises) many problems with truncated files and returns partial data;
-    turn any such error into a DataError naming the file."""
+    """tifffile logs (rather than raises) many problems of truncated files and returns partial data."""
     errors = []
     handler = logging.Handler(logging.ERROR)
     handler.emit = lambda record: errors.append(record.getMessage())
@@ -185,32 +166,20 @@ def _tifffile_errors(path):
         raise DataError(f"{path}: corrupt or truncated TIFF ({errors[0]})")
 
 
-def _memmappable(series, path):
-    """Uncompressed, contiguous TIFF data can be memory-mapped in place (no cache copy)."""
-    offset, nbytes = series.dataoffset, series.nbytes
-    if offset is None:
-        return False
-    if offset + nbytes > os.path.getsize(path):
-        raise DataError(f"{path}: truncated TIFF (data ends at byte {offset + nbytes}, file has "
-                        f"{os.path.getsize(path)})")
-    return True
-
-
 def _read_json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
 
 
 def _write_json(path, obj):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic: concurrent ranks never read half a file
 
 
-# ----------------------------------------------------------------------------- datasets
+# ----------------------------------------------------------------------------- scenes and bands
 
 @dataclass
 class Raster:
@@ -245,56 +214,50 @@ class HSIDataset:
 
     @property
     def raw_bands(self):
-        """Bands read from the file (bad and all-nodata ones dropped), before any PCA."""
+        """Bands read from the file (bad and all-nodata ones dropped), before any projection."""
         return self.file_bands if self.band_ids is None else len(self.band_ids)
 
     @property
     def bands(self):
-        """Channels a model sees: the raw bands, or the principal components with PCA."""
+        """Channels a model sees: the raw bands, the principal components or the grid's points."""
         if self.grid is not None:
             return self.grid["count"]
         return self.raw_bands if self.pca is None else self.pca.shape[0]
 
     @property
     def input_wavelengths(self):
-        """The wavelength of every channel a model sees: the grid's when resampled, else the bands'."""
         return grid_wavelengths(self.grid).tolist() if self.grid is not None else self.wavelengths
 
     @property
     def band_info(self):
-        """What a checkpoint records about its input (build_backbone(bands=...)), so that the next product
-        of the same sensor is read with the same bands: the file's band indices and their wavelengths."""
-        if self.grid is not None:  # any sensor: the grid, and the wavelengths this data brought
+        """What a checkpoint records (build_backbone(bands=...)) so that the next product of the same sensor
+        is read with the same bands: the file's band indices and wavelengths, or the grid and this sensor's."""
+        if self.grid is not None:
             return {"grid": dict(self.grid), "sensors": {self.name: [float(w) for w in self.wavelengths]}}
         ids = list(range(self.file_bands)) if self.band_ids is None else [int(i) for i in self.band_ids]
         return {"ids": ids, "wavelengths": None if self.wavelengths is None else [float(w) for w in self.wavelengths]}
 
     def read(self, index, y0, y1, x0, x1):
-        """Raw values of the bands read, (C, y1 - y0, x1 - x0), from raster `index`."""
         image = self.rasters[index].image
         if self.band_ids is None or len(self.band_ids) == image.shape[0]:
             return image[:, y0:y1, x0:x1]
         return image[np.asarray(self.band_ids), y0:y1, x0:x1]
 
     def physical(self, raw, out=None, per_value=False):
-        """Raw values -> float32 (reflectance where the scale is known), written into `out`, and a (H, W)
-        mask of valid pixels (None when all are valid, the common case, to skip the masking). A pixel is
-        invalid when any band read is nodata, NaN/inf or fill (reflectance below -0.1). per_value=True:
-        the mask is (C, H, W) of *invalid values* instead (None when there are none)."""
+        """Raw values -> float32 (reflectance where the scale is known), written into `out`, and the (H, W)
+        mask of valid pixels, None when all are (the common case: no masking). A pixel is invalid where any
+        band read is nodata, NaN/inf or fill. per_value=True: the (C, H, W) mask of invalid values instead."""
         if self.signed_view and raw.dtype == np.uint16:
             raw = raw.view(np.int16)
         out = np.empty(raw.shape, np.float32) if out is None else out
         np.copyto(out, raw, casting="unsafe")
-        invalid = None
-        if self.nodata is not None:
-            invalid = raw == self.nodata
+        bad = [raw == self.nodata] if self.nodata is not None else []
         if raw.dtype.kind == "f":
-            nonfinite = ~np.isfinite(raw)
-            invalid = nonfinite if invalid is None else invalid | nonfinite
+            bad.append(~np.isfinite(raw))
         if self.value_scale is not None:
             out *= self.value_scale
-            fill = out < FILL_BELOW_REFLECTANCE
-            invalid = fill if invalid is None else invalid | fill
+            bad.append(out < FILL_BELOW_REFLECTANCE)
+        invalid = functools.reduce(np.logical_or, bad) if bad else None
         if invalid is None or not invalid.any():
             return out, None
         return out, (invalid if per_value else ~invalid.any(0))
@@ -304,9 +267,8 @@ class HSIDataset:
         unlabelled or invalid). Invalid pixels, and windows reaching past the border, get the band means."""
         r = self.rasters[index]
         _, H, W = r.image.shape
-        C = self.raw_bands
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
-        img = np.empty((C, h, w), np.float32)
+        img = np.empty((self.raw_bands, h, w), np.float32)
         lab = np.full((h, w), IGNORE_INDEX, np.int64)
         if (y0, x0, y1, x1) != (y, x, y + h, x + w):
             img[:] = self.mean[:, None, None]
@@ -325,9 +287,9 @@ class HSIDataset:
         return img, lab
 
     def raw_window(self, index, y, x, size, dtype):
-        """The raw (C, size, size) window at (y, x) of raster `index` as `dtype` (uint16 into int16 as its
-        bit pattern), zero past the border, and its part inside the raster (y0, x0, y1, x1) in window
-        coordinates: what RandomTiles(raw=True) ships, for DeviceNormalize to finish as crop() would."""
+        """The raw (C, size, size) window at (y, x) as `dtype` (uint16 into int16 as its bit pattern), zero
+        past the border, and its part inside the raster (y0, x0, y1, x1) in window coordinates: what
+        RandomTiles(raw=True) ships, for DeviceNormalize to finish as crop() would."""
         _, H, W = self.rasters[index].image.shape
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + size, H), min(x + size, W)
         out = np.zeros((self.raw_bands, size, size), dtype)
@@ -338,8 +300,8 @@ class HSIDataset:
         return out, (y0 - y, x0 - x, y1 - y, x1 - x)
 
     def normalize(self, img):
-        """(x - mean) / std per band, in place; with PCA then projected to (k, h, w) components, on a
-        wavelength grid resampled onto its (G, h, w) points (0 = the mean where the sensor has no band)."""
+        """(x - mean) / std per band, in place; then projected by PCA to (k, h, w), or resampled onto the
+        wavelength grid's (G, h, w) points (0, the mean, where the sensor has no band)."""
         img -= self.mean[:, None, None]
         img *= (1 / self.std)[:, None, None]
         projection = self.pca if self.pca is not None else self.grid_matrix
@@ -349,39 +311,35 @@ class HSIDataset:
 
 
 def load_datasets(spec, split="tr", cache_dir=None, bands=None):
-    """`spec`: one folder or a comma-separated list; each a WHU-OHS root or a scene folder. `bands`: a
-    checkpoint's band_info, to read exactly the bands it was trained on. Without it, several products of
-    one sensor (same band count in the file) whose dead bands differ are all read with the bands valid in
-    every one of them, so that one model reads them all."""
+    """`spec`: folders, comma-separated, each a WHU-OHS root or a scene folder. `bands`: a checkpoint's
+    band_info, to read exactly the bands it was trained on. Without it, products of one sensor (same band
+    count in the file) whose dead bands differ are all read with the bands valid in all, for one model."""
     paths = [p.strip() for p in spec.split(",") if p.strip()]
     if not paths:
         raise DataError("--data is empty")
     datasets = [load_dataset(p, split, cache_dir, bands) for p in paths]
-    if bands is None:  # (on a wavelength grid every scene reads its own bands)
-        for group in _same_file_bands(datasets):
-            shared = sorted(set.intersection(*(set(datasets[i].band_info["ids"]) for i in group)))
-            if all(datasets[i].band_info["ids"] == shared for i in group):
-                continue
-            names = ", ".join(datasets[i].name for i in group)
-            if not shared:
-                raise DataError(f"{spec}: {names} have no band that is valid in all of them")
-            why = f"the bands valid in all of {names}"
-            for i in group:
-                datasets[i] = load_dataset(paths[i], split, cache_dir, {"ids": shared, "wavelengths": None}, why)
+    if bands is not None:  # a checkpoint's bands, or a wavelength grid (where every scene reads its own)
+        return datasets
+    same_sensor = {}
+    for i, ds in enumerate(datasets):
+        same_sensor.setdefault(ds.file_bands, []).append(i)
+    for group in (g for g in same_sensor.values() if len(g) > 1):
+        shared = sorted(set.intersection(*(set(datasets[i].band_info["ids"]) for i in group)))
+        if all(datasets[i].band_info["ids"] == shared for i in group):
+            continue
+        names = ", ".join(datasets[i].name for i in group)
+        if not shared:
+            raise DataError(f"{spec}: {names} have no band that is valid in all of them")
+        for i in group:
+            datasets[i] = load_dataset(paths[i], split, cache_dir, {"ids": shared, "wavelengths": None},
+                                       f"the bands valid in all of {names}")
     return datasets
 
 
-def _same_file_bands(datasets):
-    groups = {}
-    for i, ds in enumerate(datasets):
-        groups.setdefault(ds.file_bands, []).append(i)
-    return [g for g in groups.values() if len(g) > 1]
-
-
 def load_dataset(path, split="tr", cache_dir=None, bands=None, why="the checkpoint's band list"):
-    """A WHU-OHS split or a scene folder. `bands` (a checkpoint's band_info) fixes the bands read; `why`
-    says where that list comes from in the printed line. `bands` with a "grid" (ANY_SENSOR, or what a
-    checkpoint trained on the grid records): all the data's own bands, resampled onto the grid."""
+    """A WHU-OHS split or a scene folder. `bands` (a checkpoint's band_info) fixes the bands read, `why`
+    names it in the printed line; with a "grid" (ANY_SENSOR, or a checkpoint trained on the grid): all the
+    data's own bands, resampled onto the grid."""
     if bands is not None and "grid" in bands:
         ds = attach_grid(load_dataset(path, split, cache_dir), bands["grid"])
         report_new_bands([ds], bands.get("sensors"))
@@ -409,16 +367,13 @@ def read_meta(path):
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     number = (int, float)
+    listed = lambda v, kind: isinstance(v, list) and all(isinstance(x, kind) for x in v)  # noqa: E731
     for key, ok, what in [("nodata", lambda v: isinstance(v, number), "a number"),
                           ("value_scale", lambda v: isinstance(v, number) and v > 0, "a positive number"),
-                          ("wavelengths_nm", lambda v: isinstance(v, list) and all(isinstance(x, number) for x in v),
-                           "a list of numbers"),
-                          ("fwhm_nm", lambda v: isinstance(v, list) and all(isinstance(x, number) for x in v),
-                           "a list of numbers"),
-                          ("bad_bands", lambda v: isinstance(v, list) and all(isinstance(x, int) for x in v),
-                           "a list of 0-based band indices"),
-                          ("class_names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                           "a list of strings")]:
+                          ("wavelengths_nm", lambda v: listed(v, number), "a list of numbers"),
+                          ("fwhm_nm", lambda v: listed(v, number), "a list of numbers"),
+                          ("bad_bands", lambda v: listed(v, int), "a list of 0-based band indices"),
+                          ("class_names", lambda v: listed(v, str), "a list of strings")]:
         v = meta.get(key)
         if v is not None and (isinstance(v, bool) or not ok(v)):
             raise DataError(f"{path}: {key} must be {what} or null, got {json.dumps(v)[:80]}")
@@ -426,8 +381,8 @@ def read_meta(path):
 
 
 def _per_band(meta, key, meta_path, bands, bad):
-    """meta[key] (wavelengths_nm, fwhm_nm) as one value per band of the file: it may list every band, or
-    only the bands left after bad_bands (then the bad ones get None)."""
+    """meta[key] (wavelengths_nm, fwhm_nm) for every band of the file: it may list them all, or only those
+    left after bad_bands (then the bad ones get None)."""
     v = meta.get(key)
     if v is None or len(v) == bands:
         return v
@@ -452,17 +407,16 @@ def load_scene(path, cache_dir=None, bands=None, why="the checkpoint's band list
         num_classes = len(names) or entry["label_max"]
         names = names or [f"class {i + 1}" for i in range(num_classes)]
     cache.save()
-    bad = sorted(set(meta.get("bad_bands") or []))
-    if bad and (bad[0] < 0 or bad[-1] >= image.shape[0]):
-        raise DataError(f"{meta_path}: bad_bands must be 0-based band indices 0 .. {image.shape[0] - 1}, "
+    C, bad = image.shape[0], sorted(set(meta.get("bad_bands") or []))
+    if bad and (bad[0] < 0 or bad[-1] >= C):
+        raise DataError(f"{meta_path}: bad_bands must be 0-based band indices 0 .. {C - 1}, "
                         f"got {bad[0] if bad[0] < 0 else bad[-1]}")
-    wl = _per_band(meta, "wavelengths_nm", meta_path, image.shape[0], bad)
-    if wl is None and (meta.get("sensor"), image.shape[0]) in KNOWN_WAVELENGTHS:
-        wl = list(KNOWN_WAVELENGTHS[meta["sensor"], image.shape[0]])
-    fwhm = _per_band(meta, "fwhm_nm", meta_path, image.shape[0], bad)
-    ds = HSIDataset(meta.get("name") or os.path.basename(os.path.abspath(path)),
-                    [Raster(image_path, image, label)], num_classes, names, wl,
-                    meta.get("value_scale"), meta.get("nodata"), fwhm=fwhm)
+    wl = _per_band(meta, "wavelengths_nm", meta_path, C, bad)
+    if wl is None and (meta.get("sensor"), C) in KNOWN_WAVELENGTHS:
+        wl = list(KNOWN_WAVELENGTHS[meta["sensor"], C])
+    ds = HSIDataset(meta.get("name") or os.path.basename(os.path.abspath(path)), [Raster(image_path, image, label)],
+                    num_classes, names, wl, meta.get("value_scale"), meta.get("nodata"),
+                    fwhm=_per_band(meta, "fwhm_nm", meta_path, C, bad))
     choose_bands(ds, cache, bad, bands, why)
     return ds
 
@@ -512,17 +466,12 @@ def _check_label(path, entry, image_hw, num_classes):
                         f"found {entry['label_min']} .. {entry['label_max']}")
 
 
-# ----------------------------------------------------------------------------- band validity and statistics
-
 def choose_bands(ds, cache, bad_bands=(), bands=None, why="the checkpoint's band list"):
-    """Decide which of the file's bands ds reads and their per-band mean/std over valid pixels; sets
-    ds.band_ids, ds.wavelengths (of those bands), ds.mean and ds.std. Cached beside the rasters.
-
-    Without `bands`: every band except those flagged in `bad_bands` and those with no valid value at all
-    (nodata, NaN or fill in every pixel: a dead band, normal in a product, not an error), and one printed
-    line names the dropped bands. A pixel is then invalid only when a band that is read is invalid there.
-    With `bands` (a checkpoint's band_info): exactly those bands; one of them without a valid value is an
-    error, and wavelengths more than WAVELENGTH_TOLERANCE_NM away from the checkpoint's get a warning."""
+    """Sets the file's bands ds reads and their mean/std over valid pixels, cached beside the rasters.
+    Without `bands`: all but those in `bad_bands` and the dead ones (no valid value at all: normal in a
+    product, not an error), named in one printed line, so that a pixel is invalid only where a band that is
+    read is. With `bands` (a checkpoint's band_info): exactly those; a dead one is an error, a wavelength
+    more than WAVELENGTH_TOLERANCE_NM from the checkpoint's a warning."""
     C, bad = ds.file_bands, sorted(set(bad_bands))
     if bands is not None and not all(0 <= i < C for i in bands["ids"]):
         # Another sensor: read the data's own bands; the caller's band count check says what does not fit.
@@ -539,7 +488,8 @@ def choose_bands(ds, cache, bad_bands=(), bands=None, why="the checkpoint's band
     paths = [ds.rasters[i].path for i in rasters]
 
     def cache_path(ids, auto):
-        key = [cache.signature(p) for p in paths] + paths + [ds.value_scale, ds.nodata, ids, auto]
+        key = [cache.manifest[os.path.abspath(p)]["sig"] for p in paths] + paths
+        key += [ds.value_scale, ds.nodata, ids, auto]
         return os.path.join(cache.dir, f"bands-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json")
     path = cache_path(own, True)
     cached = _read_json(path) if own else None
@@ -561,8 +511,8 @@ def choose_bands(ds, cache, bad_bands=(), bands=None, why="the checkpoint's band
 
 
 def _band_stats(ds, rasters, ids, auto, why):
-    """Scan the rasters: mean/std of the bands `ids` over valid pixels; with `auto`, bands without a valid
-    value are dropped first (then a second scan)."""
+    """Mean/std of the bands `ids` over valid pixels; with `auto`, dead bands are dropped first (a second
+    scan: they would make every pixel invalid)."""
     s1, s2, n, good, total = _scan(ds, rasters, ids)
     dead = [b for b, g in zip(ids, good) if g == 0]
     if dead and not auto:
@@ -589,14 +539,14 @@ def _band_stats(ds, rasters, ids, auto, why):
 
 
 def _scan(ds, rasters, ids):
-    """Sums over the valid pixels of the bands `ids`, their count, each band's count of valid values and
-    the number of pixels scanned."""
+    """Sums and sums of squares over the pixels valid in all bands `ids`, their count, each band's count of
+    valid values, and the pixels scanned; in row blocks that bound the memory used."""
     view = replace(ds, band_ids=ids, pca=None)
     s1, s2, good = np.zeros(len(ids)), np.zeros(len(ids)), np.zeros(len(ids), np.int64)
     n = total = 0
     for i in rasters:
         _, H, W = ds.rasters[i].image.shape
-        rows = max(1, STATS_BLOCK_VALUES // (len(ids) * W))  # row blocks bound the memory used
+        rows = max(1, STATS_BLOCK_VALUES // (len(ids) * W))
         for y in range(0, H, rows):
             x, invalid = view.physical(np.asarray(view.read(i, y, min(y + rows, H), 0, W)), per_value=True)
             total += x.shape[1] * x.shape[2]
@@ -612,7 +562,6 @@ def _scan(ds, rasters, ids):
 
 
 def _report_bands(ds, C, bad, cached, wl_all, bands, why):
-    """The one printed line about dropped bands (and warnings about nearly dead or shifted bands)."""
     kept = set(cached["band_ids"])
     if bands is None:
         parts = [f"in bad_bands {_describe(bad, wl_all)}"] if bad else []
@@ -636,16 +585,17 @@ def _report_bands(ds, C, bad, cached, wl_all, bands, why):
                    f"is at {theirs[i]:.1f} nm: is this the same sensor?")
 
 
+def _runs(ids):
+    """[3, 4, 5, 9] -> [(3, 5), (9, 9)]."""
+    ids = sorted(ids)
+    starts = [i for i, b in enumerate(ids) if i == 0 or b != ids[i - 1] + 1]
+    return [(ids[s], ids[e - 1]) for s, e in zip(starts, starts[1:] + [len(ids)])]
+
+
 def _describe(ids, wavelengths=None):
-    """[3, 4, 5, 9] -> '3-5 (1350-1370 nm), 9 (1400 nm)': runs of band indices with their wavelengths."""
-    runs = []
-    for b in sorted(ids):
-        if runs and b == runs[-1][1] + 1:
-            runs[-1][1] = b
-        else:
-            runs.append([b, b])
+    """[3, 4, 5, 9] -> '3-5 (1350-1370 nm), 9 (1400 nm)'."""
     out = []
-    for a, b in runs:
+    for a, b in _runs(ids):
         text = f"{a}" if a == b else f"{a}-{b}"
         if wavelengths is not None and wavelengths[a] is not None and wavelengths[b] is not None:
             text += f" ({wavelengths[a]:.0f} nm)" if a == b else f" ({wavelengths[a]:.0f}-{wavelengths[b]:.0f} nm)"
@@ -653,7 +603,15 @@ def _describe(ids, wavelengths=None):
     return ", ".join(out)
 
 
-# ----------------------------------------------------------------------------- any sensor (issue #17)
+def check_same_bands(datasets, backbone):
+    counts = {d.name: d.bands for d in datasets}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"backbone '{backbone}' needs one band count, but the datasets differ: {counts}; "
+                        "--any-sensor resamples every scene onto one wavelength grid")
+    return datasets[0].bands
+
+
+# ----------------------------------------------------------------------------- wavelength grid (any sensor, #17)
 
 # Band centres of the two unmixing benchmarks, whose distributed files carry none (../shared/docs/DATA.md):
 # Jasper Ridge = AVIRIS' 224 channels evenly over 380-2500 nm without channels 1-3, 108-112, 154-166 and
@@ -675,12 +633,11 @@ def grid_wavelengths(grid):
 
 def resampling_matrix(wavelengths, grid, fwhm=None):
     """(G, C) weights that resample C bands at `wavelengths` (any order) onto the grid, and valid (G,).
-    Band c spreads over a triangle of half-width h_c = max(grid step, its distance to the nearest other
-    band, its FWHM where known) around its centre; grid point g is the weighted mean of the bands whose
-    triangles reach it (valid), else 0 (the band mean of normalised data: no sensor band there, e.g. in
-    the water-absorption gaps). Finer sensors are averaged (no aliasing), coarser ones interpolated; a
-    band's weight depends on its wavelength only, so permuting bands with their wavelengths permutes the
-    columns and leaves the resampled spectrum unchanged."""
+    Band c spreads over a triangle of half-width max(grid step, distance to the nearest other band, FWHM
+    where known); grid point g is the weighted mean of the bands whose triangles reach it, else 0 (the band
+    mean of normalised data: no band there, e.g. in the water-absorption gaps). So finer sensors are
+    averaged (no aliasing), coarser ones interpolated, and permuting bands with their wavelengths permutes
+    the columns only."""
     wl = np.asarray(wavelengths, np.float64)
     if wl.ndim != 1 or not np.isfinite(wl).all():
         raise ValueError(f"wavelengths must be finite numbers, got {wavelengths!r}")
@@ -695,50 +652,30 @@ def resampling_matrix(wavelengths, grid, fwhm=None):
 
 
 def attach_grid(ds, grid):
-    """Read ds through the wavelength grid: its normalised bands are resampled onto the grid's points."""
     if ds.wavelengths is None:
         raise DataError(f"{ds.name}: a wavelength-aware model (--any-sensor, or a checkpoint trained with it) "
                         "needs the band wavelengths; add wavelengths_nm to its meta.json")
-    if ds.pca is not None:
-        raise DataError(f"{ds.name}: --pca and --any-sensor exclude each other")
     ds.grid = dict(grid)
     ds.grid_matrix, _ = resampling_matrix(ds.wavelengths, grid, ds.fwhm)
     return ds
 
 
-def grid_coverage(wavelengths_by_sensor, grid):
-    """(G,) bool: the grid points some sensor's bands reach."""
-    covered = np.zeros(grid["count"], bool)
-    for wl in wavelengths_by_sensor:
-        covered |= resampling_matrix(wl, grid)[1]
-    return covered
-
-
 def report_new_bands(datasets, seen):
-    """Print, per scene, which of its grid points no pre-training sensor reached (`seen`: a checkpoint's
-    {sensor: wavelengths}): the model's weights there never saw data."""
+    """Print each scene's grid points that no pre-training sensor reached (`seen`: a checkpoint's {sensor:
+    wavelengths}): the model's weights there never saw data."""
     if not seen:
         return
     grid = datasets[0].grid
-    covered, points = grid_coverage(seen.values(), grid), grid_wavelengths(grid)
+    covered, points = np.zeros(grid["count"], bool), grid_wavelengths(grid)
+    for wl in seen.values():
+        covered |= resampling_matrix(wl, grid)[1]
     for ds in datasets:
         mine = ds.grid_matrix.sum(1) > 0
         new = mine & ~covered
-        where = f" ({_ranges(points[new])} nm)" if new.any() else ""
+        nm = ", ".join(f"{points[a]:.0f}" + ("" if a == b else f"-{points[b]:.0f}")
+                       for a, b in _runs(np.flatnonzero(new)))
         print0(f"{ds.name}: {len(ds.wavelengths)} bands on {int(mine.sum())} grid points; {int(new.sum())} new "
-               f"(not in pre-training on {', '.join(seen)}){where}")
-
-
-def _ranges(points, step=10.0):
-    """'400-450, 1400' from sorted grid points."""
-    out, start = [], None
-    for i, p in enumerate(points):
-        if start is None:
-            start = p
-        if i + 1 == len(points) or points[i + 1] - p > step * 1.01:
-            out.append(f"{start:.0f}" if p == start else f"{start:.0f}-{p:.0f}")
-            start = None
-    return ", ".join(out)
+               f"(not in pre-training on {', '.join(seen)}){f' ({nm} nm)' if nm else ''}")
 
 
 def bands_record(datasets):
@@ -749,29 +686,15 @@ def bands_record(datasets):
     return {"grid": dict(datasets[0].grid), "sensors": {ds.name: ds.band_info["sensors"][ds.name] for ds in datasets}}
 
 
-def check_same_bands(datasets, backbone):
-    counts = {d.name: d.bands for d in datasets}
-    if len(set(counts.values())) > 1:
-        raise DataError(f"backbone '{backbone}' needs one band count, but the datasets differ: {counts}; "
-                        "--any-sensor resamples every scene onto one wavelength grid")
-    return datasets[0].bands
-
-
-def display_bands(ds, false_colour=False):
-    """Three band indices: true colour (670/566/480 nm) or false colour (840/670/566 nm, vegetation
-    red); spread over the bands when wavelengths are unknown."""
-    if ds.wavelengths:
-        wl = np.asarray(ds.wavelengths)
-        return [int(np.abs(wl - t).argmin()) for t in ((840, 670, 566) if false_colour else (670, 566, 480))]
-    c = ds.raw_bands
-    return [c - 1, c // 2, c // 4] if false_colour else [3 * c // 4, c // 2, c // 4]
-
+# ----------------------------------------------------------------------------- band projections (PCA), display bands
 
 def fit_pca(ds, components, mask=None, max_pixels=200_000, seed=0):
-    """The study's band reduction: a (components, C) projection of the normalised bands onto their
-    leading principal components, each scaled to unit variance, fitted on training pixels only (the
-    pixels where mask (H, W) is True for a scene's split; a sample of all pixels of a training set
-    otherwise). Returns (projection, explained variance share of each component)."""
+    """The study's band reduction: a (components, C) projection of the normalised bands onto their leading
+    principal components, each scaled to unit variance, fitted on training pixels only (where mask (H, W)
+    is True; else a sample of all pixels of a training set). Returns (projection, explained variance share
+    of each component)."""
+    if ds.grid is not None:
+        raise DataError(f"{ds.name}: --pca and --any-sensor exclude each other")
     if not 0 < components <= ds.raw_bands:
         raise DataError(f"{ds.name}: --pca {components} must be between 1 and the {ds.raw_bands} bands")
     rng = np.random.default_rng(seed)
@@ -793,7 +716,97 @@ def fit_pca(ds, components, mask=None, max_pixels=200_000, seed=0):
     return projection.astype(np.float32), eigval[order] / eigval.sum()
 
 
-# ----------------------------------------------------------------------------- augmentations
+def display_bands(ds, false_colour=False):
+    """Three band indices: true colour (670/566/480 nm) or false colour (840/670/566 nm, vegetation red);
+    spread over the bands when wavelengths are unknown."""
+    if ds.wavelengths:
+        wl = np.asarray(ds.wavelengths)
+        return [int(np.abs(wl - t).argmin()) for t in ((840, 670, 566) if false_colour else (670, 566, 480))]
+    c = ds.raw_bands
+    return [c - 1, c // 2, c // 4] if false_colour else [3 * c // 4, c // 2, c // 4]
+
+
+def render_bands(img, bands, ref=None):
+    """(C, H, W) -> (3, H, W) in [0, 1], each band stretched between its 2nd and 98th percentile (of `ref`
+    when given, so that a prediction is shown on the same scale as its input)."""
+    rgb = img[list(bands)].float()
+    ref = rgb if ref is None else ref[list(bands)].float()
+    lo = ref.flatten(1).quantile(0.02, dim=1)[:, None, None]
+    hi = ref.flatten(1).quantile(0.98, dim=1)[:, None, None]
+    return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- sparse-label splits
+
+def sparse_split(labels, seed, per_class=None, fraction=None):
+    """Train/test masks over the labelled pixels of labels (H, W): `per_class` pixels (at most half of a
+    small class) or a `fraction` (at least one) of each class go to train, the rest to test."""
+    if (per_class is None) == (fraction is None):
+        raise ValueError("give exactly one of per_class and fraction")
+    rng = np.random.default_rng(seed)
+    train = np.zeros(labels.shape, bool)
+    flat = labels.ravel()
+    for c in np.unique(flat[flat != IGNORE_INDEX]):
+        idx = np.flatnonzero(flat == c)
+        n = min(per_class, len(idx) // 2) if per_class is not None else max(1, round(fraction * len(idx)))
+        train.ravel()[rng.choice(idx, n, replace=False)] = True
+    return train, (labels != IGNORE_INDEX) & ~train
+
+
+def save_split(path, train, test, **info):
+    np.savez_compressed(path, train=train, test=test, info=json.dumps(info))
+
+
+def load_split(path, shape):
+    """(train mask, test mask, info) of a split saved by save_split; info holds e.g. the kept `classes`."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no saved split")
+    z = np.load(path)
+    if z["train"].shape != tuple(shape):
+        raise DataError(f"{path}: split is {z['train'].shape} but the scene is {tuple(shape)}")
+    return z["train"], z["test"], json.loads(str(z["info"]))
+
+
+def scene_labels(ds):
+    """The scene's (H, W) int64 labels, IGNORE_INDEX where unlabelled or invalid."""
+    r = ds.rasters[0]
+    if r.label is None:
+        raise DataError(f"{ds.name}: scene has no gt.tif, so it has no labels to split")
+    return ds.crop(0, 0, 0, *r.image.shape[1:])[1]
+
+
+def select_classes(ds, classes):
+    """A copy of a one-raster scene with only `classes` (0-based ids, in this order) labelled, renumbered
+    0..len(classes)-1."""
+    r = ds.rasters[0]
+    lut = np.zeros(max(ds.num_classes, int(np.max(r.label))) + 1, np.uint8)
+    lut[np.asarray(classes, np.int64) + 1] = np.arange(1, len(classes) + 1)
+    return replace(ds, rasters=[Raster(r.path, r.image, lut[np.asarray(r.label)])], num_classes=len(classes),
+                   class_names=[ds.class_names[c] for c in classes])
+
+
+def scene_split(ds, seed, per_class=None, fraction=None, min_class_pixels=0):
+    """The sparse-label protocol of a scene: the classes with at least `min_class_pixels` labelled (valid)
+    pixels (e.g. 400: Lee & Kwon's 9 Indian Pines classes), then `sparse_split`. Returns (the dataset with
+    the kept classes renumbered, train mask, test mask, kept class ids or None)."""
+    classes = None
+    if min_class_pixels:
+        counts = np.bincount(scene_labels(ds).ravel() + 1, minlength=ds.num_classes + 1)[1:]
+        classes = [c for c in range(ds.num_classes) if counts[c] >= min_class_pixels]
+        if not classes:
+            raise DataError(f"{ds.name}: no class has {min_class_pixels} labelled pixels (largest: {counts.max()})")
+        ds = select_classes(ds, classes)
+    train, test = sparse_split(scene_labels(ds), seed, per_class, fraction)
+    return ds, train, test, classes
+
+
+def with_labels(ds, mask):
+    """A copy of a one-raster scene unlabelled outside `mask` (e.g. the train split)."""
+    r = ds.rasters[0]
+    return replace(ds, rasters=[Raster(r.path, r.image, np.where(mask, np.asarray(r.label), 0).astype(np.uint8))])
+
+
+# ----------------------------------------------------------------------------- per-tile augmentations
 
 def dihedral(arrays, rng):
     """The same random rot90 / flip on the last two axes of every array."""
@@ -806,10 +819,10 @@ def dihedral(arrays, rng):
 
 
 def random_resized_crop(img, lab, rng, out_size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Crop a random region (area fraction in `scale`) and resize it to out_size: bilinear for the
-    image, nearest for labels. An augmentation only: tiles themselves are always cut, never resized."""
+    """A random region (area share in `scale`) resized to out_size: bilinear for the image, nearest for
+    labels. An augmentation only: tiles themselves are cut, never resized."""
     _, H, W = img.shape
-    for _ in range(10):
+    for _ in range(CROP_TRIES):
         area = H * W * rng.uniform(*scale)
         aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
         h, w = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
@@ -828,11 +841,10 @@ def random_resized_crop(img, lab, rng, out_size, scale=(0.2, 1.0), ratio=(3 / 4,
 
 def spectral_jitter(img, rng, brightness=0.0, contrast=0.0, band_gain=0.0, spread=None):
     """Photometric jitter that makes sense for reflectance: a global illumination gain, a small per-band
-    gain (calibration / atmosphere), and contrast around each band's spatial mean. No hue or grey-scale
-    tricks: bands are not colours. Works in physical units, before normalisation. spread: no band's tile
-    mean moves by more than this share of the band's within-tile standard deviation (each band's gain is
-    clipped), so the jitter stays below the spectral differences between land covers; None = unbounded.
-    A contrast gain stops where the darkest pixel would reach zero: reflectance is never made negative."""
+    gain (calibration / atmosphere) and contrast around each band's spatial mean; no hue or grey-scale
+    tricks, bands are not colours. spread: each band's gain is clipped so that its tile mean moves by at
+    most this share of its within-tile std, keeping the jitter below the spectral differences between land
+    covers (None = unbounded). The contrast stops where the darkest pixel would reach zero."""
     C = img.shape[0]
     gain = rng.uniform(1 - brightness, 1 + brightness) * rng.uniform(1 - band_gain, 1 + band_gain, C)
     c = rng.uniform(1 - contrast, 1 + contrast)
@@ -846,8 +858,7 @@ def spectral_jitter(img, rng, brightness=0.0, contrast=0.0, band_gain=0.0, sprea
 
 
 def jitter_notice(datasets, augment, say=print):
-    """Say which scenes get no spectral jitter from `augment` (an Augment or MultiCrop that jitters): those
-    without a value scale."""
+    """Say which scenes get no spectral jitter from the MultiCrop `augment`: those without a value scale."""
     raw = [ds.name for ds in datasets if ds.value_scale is None]
     if raw and augment.jitters:
         say(f"notice: no spectral jitter on {', '.join(raw)}: no value_scale in meta.json, so the values are not "
@@ -855,7 +866,7 @@ def jitter_notice(datasets, augment, say=print):
 
 
 def gaussian_blur(img, sigma):
-    """Spatial Gaussian blur of every band, (C, H, W) float32; reflect padding."""
+    """Spatial Gaussian blur of every band of (C, H, W) float32; reflect padding."""
     radius = min(int(np.ceil(3 * sigma)), (min(img.shape[1:]) - 1) // 2)
     if radius < 1:
         return img
@@ -868,66 +879,34 @@ def gaussian_blur(img, sigma):
 
 
 def spectral_solarize(x, threshold=0.0):
-    """Solarize for normalised HSI: values above the threshold (the band mean at 0) are mirrored below it,
-    inverting bright parts of every band's range as RGB solarize inverts bright pixels."""
+    """Solarisation for normalised HSI: values above the threshold (the band mean at 0) are mirrored below it,
+    as RGB solarisation inverts bright pixels."""
     return np.where(x > threshold, 2 * threshold - x, x).astype(np.float32)
 
 
 @dataclass
 class Augment:
-    """The HSI augmentations every trainer uses; all off by default. Called on a tile in physical units,
-    returns the normalised tensor and its labels; `batch` does the same for a batch on the device."""
+    """Flips and a random resized crop, both off by default: a tile in physical units -> its normalised
+    tensor and labels. No spectral jitter: MAE's recipe has none."""
     flips: bool = False
     crop_scale: tuple = None      # random resized crop area range, None = off
-    brightness: float = 0.0
-    contrast: float = 0.0
-    band_gain: float = 0.0
-    spread: float = None          # spectral_jitter's bound
-
-    @property
-    def jitters(self):
-        return bool(self.brightness or self.contrast or self.band_gain)
 
     def __call__(self, img, lab, rng, normalize, reflectance=True):
-        """reflectance: img is in reflectance (its scene has a value scale); the spectral jitter applies to
-        reflectance only - on sensor counts with an offset a gain is no physical change."""
         if self.flips:
             img, lab = dihedral([img, lab], rng)
         if self.crop_scale is not None:
             img, lab = random_resized_crop(img, lab, rng, img.shape[-1], self.crop_scale)
-        if self.jitters and reflectance:
-            img = spectral_jitter(img, rng, self.brightness, self.contrast, self.band_gain, self.spread)
         return torch.from_numpy(normalize(img)), torch.from_numpy(lab)
-
-    def batch(self, x, d, rnd, normalize):
-        """Augment for a batch on the device: tiles x (B, C, H, W) in physical units from datasets d (B,),
-        random numbers from rnd (a StepRandom), normalize a DeviceNormalize -> normalised (B, C, H, W). One
-        affine resampling does crop and flip. Same distributions as the per-tile path, other draws."""
-        (B, C), device = x.shape[:2], x.device
-        if self.flips or self.crop_scale is not None:
-            crop = self.crop_scale is not None
-            boxes = crop_boxes(rnd.uniform(2 * CROP_TRIES + 2), self.crop_scale) if crop else full_boxes(B, device)
-            x = resample(x, boxes, dihedral_index(rnd.uniform()) if self.flips else None, x.shape[-1])
-        if self.jitters:
-            x = batch_jitter(x, rnd.uniform(2 + C), self.brightness, self.contrast, self.band_gain,
-                             normalize.reflectance[d], self.spread)
-        return normalize(x, d)
-
-    @staticmethod
-    def collated(x):
-        """The loader's collated tiles (B, C, H, W): already batch()'s layout."""
-        return x
 
 
 @dataclass
 class MultiCrop:
-    """DINO's multi-crop for HSI: 2 global and n_local local views of one tile, each a random resized crop
-    with flips, spectral jitter (with probability jitter_p, on reflectance only: see spectral_jitter) and
-    blur; the second global view may be spectrally solarized (off by default: solarize mirrors every band
-    about its mean, erasing whether a band is above or below it - the very thing land covers differ by).
-    Returns ((2, C, G, G), (n_local, C, L, L)) normalised views; `batch` does the same for a batch on the
-    device. Blur sigmas are in pixels: DINOv2's (0.1, 2.0) suit 224 px crops of 14 px patches; a trainer
-    scales them to its patch size."""
+    """DINO's multi-crop for HSI: 2 global and n_local local views of one tile -> ((2, C, G, G), (n_local,
+    C, L, L)) normalised. Each is a random resized crop with flips, spectral jitter (with probability
+    jitter_p, on reflectance only: on sensor counts with an offset a gain is no physical change) and blur;
+    the second global view may be solarised (off by default: solarisation mirrors every band about its mean,
+    erasing whether a band is above or below it - the very thing land covers differ by). Blur sigmas are in
+    pixels: DINOv2's (0.1, 2.0) suit 224 px crops of 14 px patches; a trainer scales them to its patch."""
     global_size: int = 64
     local_size: int = 32
     n_local: int = 4
@@ -967,213 +946,18 @@ class MultiCrop:
         local = torch.stack(local) if local else torch.zeros(0, img.shape[0], self.local_size, self.local_size)
         return (torch.stack(g), local), torch.from_numpy(lab)
 
-    def batch(self, x, d, rnd, normalize):
-        """The multi-crop of a batch on the device: tiles x (B, C, S, S) in physical units from datasets
-        d (B,), random numbers from rnd (a StepRandom), normalize a DeviceNormalize -> normalised global
-        views (2B, C, G, G) and local views (n_local * B, C, L, L), view-major (every tile's first view,
-        then every tile's second...). The per-tile path's distributions (tests/test_device_pipeline.py)."""
-        g = self.batch_views(x, d, rnd, normalize, self.global_size, self.global_scale, self.global_blur_p,
-                             self.global_solarize_p)
-        local = self.batch_views(x, d, rnd, normalize, self.local_size, self.local_scale,
-                                 (self.local_blur_p,) * self.n_local, (0.0,) * self.n_local)
-        return g, local
 
-    def batch_views(self, x, d, rnd, normalize, size, scale, blur_p, solarize_p):
-        """len(blur_p) views of every tile, view v blurred with probability blur_p[v] and solarized with
-        solarize_p[v] -> (V * B, C, size, size), view-major."""
-        V, C = len(blur_p), x.shape[1]
-        if V == 0:
-            return x.new_zeros(0, C, size, size)
-        v = resample(x, crop_boxes(rnd.views(V, 2 * CROP_TRIES + 2), scale), dihedral_index(rnd.views(V)), size)
-        jitter = (rnd.views(V) < self.jitter_p) & normalize.reflectance[d].repeat(V)
-        v = batch_jitter(v, rnd.views(V, 2 + C), self.brightness, self.contrast, self.band_gain, jitter, self.spread)
-        blur = per_view(rnd.views(V), blur_p)
-        lo, hi = self.blur_sigma
-        v = batch_blur(v, torch.where(blur, lo + (hi - lo) * rnd.views(V), 0.0), hi)
-        v = normalize(v, d.repeat(V))
-        return batch_solarize(v, per_view(rnd.views(V), solarize_p))
-
-    @staticmethod
-    def collated(views):
-        """The loader's collated per-tile views ((B, 2, C, G, G), (B, n, C, L, L)) -> batch()'s layout."""
-        return tuple(v.transpose(0, 1).flatten(0, 1) for v in views)
-
-
-# Batched on the device: the augmentations above for a whole batch at once (B tiles, or V views of each,
-# view-major: V * B images), with the same distributions, every draw from a StepRandom.
-
-CROP_TRIES = 10  # random_resized_crop's redraws until a box fits
-
-
-def crop_boxes(u, scale, ratio=(3 / 4, 4 / 3)):
-    """Random resized crop boxes as `random_resized_crop` draws them, in fractions of the tile's side:
-    area share U(scale), log-uniform aspect ratio, redrawn until the box fits in the tile (at most
-    CROP_TRIES times, else the whole tile), uniform position. u (N, 2 * CROP_TRIES + 2) uniforms ->
-    (w, h, x, y), each (N,), (x, y) the box's centre in affine_grid units ([-1, 1])."""
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0:2 * CROP_TRIES:2]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1:2 * CROP_TRIES:2]
-    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()  # (N, tries)
-    fits = (w <= 1) & (h <= 1)
-    first = fits.float().argmax(1, keepdim=True)  # the first box that fits
-    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)
-    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)
-    return w, h, (2 * u[:, -2] - 1) * (1 - w), (2 * u[:, -1] - 1) * (1 - h)
-
-
-def dihedral_index(u):
-    """One of the 8 rot90/flip transforms per image, from uniforms u (N,)."""
-    return (u * 8).long().clamp(max=7)
-
-
-def dihedral_matrices(k):
-    """(N, 2, 2) matrices of the rot90/flip transforms k (N,) in 0..7, built where k is (no table to copy
-    to the device): k < 4 diagonal, k >= 4 anti-diagonal, the signs from k's two low bits."""
-    a, b, swap = 1 - 2 * ((k >> 1) & 1).float(), 1 - 2 * (k & 1).float(), (k >= 4).float()
-    return torch.stack([a * (1 - swap), a * swap, b * swap, b * (1 - swap)], -1).view(-1, 2, 2)
-
-
-def resample(x, boxes, k, size):
-    """Each tile's crop boxes (w, h, x, y) (crop_boxes), turned by the rot90/flip k (None: not turned),
-    resized to size x size: one bilinear affine resampling (border padding). x (B, C, S, S); boxes and k
-    hold V views per tile, view-major (V * B,) -> (V * B, C, size, size). The views are stacked in one
-    sampling grid per tile, so x is never copied V times. The whole tile, not turned, is the identity."""
-    w, h, cx, cy = boxes
-    (B, C), N = x.shape[:2], w.shape[0]
-    theta = torch.zeros(N, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = w, h, cx, cy
-    if k is not None:
-        theta[:, :, :2] = theta[:, :, :2] @ dihedral_matrices(k)
-    grid = F.affine_grid(theta, [N, 1, size, size], align_corners=False)  # (V * B, size, size, 2)
-    grid = grid.view(N // B, B, size, size, 2).transpose(0, 1).reshape(B, N // B * size, size, 2)
-    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-    return out.view(B, C, N // B, size, size).transpose(0, 2).transpose(1, 2).reshape(N, C, size, size)
-
-
-def full_boxes(n, device):
-    """Crop boxes of the whole tile (no crop)."""
-    one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
-    return one, one, zero, zero
-
-
-def batch_jitter(x, u, brightness, contrast, band_gain, apply, spread=None):
-    """spectral_jitter of every image of x (N, C, H, W) with its own draws, u (N, 2 + C) uniforms; images
-    where apply (N,) is False stay as they are. In physical units, before normalisation. As one multiply-add
-    per value: (mean + c (x - mean)) gain = mean (1 - c) gain + c gain x."""
-    C = x.shape[1]
-    gain = (1 - brightness + 2 * brightness * u[:, :1]) * (1 - band_gain + 2 * band_gain * u[:, 2:2 + C])  # (N, C)
-    c = 1 - contrast + 2 * contrast * u[:, 1:2]
-    mean, low = x.mean((2, 3)), x.amin((2, 3))
-    c_max = (mean / (mean - low).clamp_min(1e-12)).amin(1, keepdim=True)  # the darkest pixel reaches zero
-    c = torch.where(low.amin(1, keepdim=True) >= 0, torch.minimum(c, c_max), c)
-    if spread is not None:
-        bound = spread * x.std((2, 3), correction=0) / mean.abs().clamp_min(1e-12)
-        gain = torch.minimum(torch.maximum(gain, 1 - bound), 1 + bound)
-    scale = torch.where(apply[:, None], c * gain, 1.0)
-    shift = torch.where(apply[:, None], mean * (1 - c) * gain, 0.0)
-    return torch.addcmul(shift[:, :, None, None], scale[:, :, None, None], x)
-
-
-def batch_blur(x, sigma, max_sigma):
-    """gaussian_blur of every image of x (N, C, H, W) with its own sigma (N,), 0 = none: the same kernel
-    (cut at ceil(3 sigma) and at (side - 1) // 2, normalised) and reflect padding, as one separable
-    depthwise convolution of the batch."""
-    N, C, H, W = x.shape
-    R = min(math.ceil(3 * max_sigma), (min(H, W) - 1) // 2)
-    if R < 1:
-        return x
-    t = torch.arange(-R, R + 1, device=x.device, dtype=x.dtype)
-    on = sigma > 0
-    s = torch.where(on, sigma, 1.0)[:, None]
-    k = torch.exp(-0.5 * (t / s) ** 2) * (t.abs() <= (3 * s).ceil())
-    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).to(x.dtype))  # (N, 2R + 1)
-    k = k[:, None].expand(N, C, 2 * R + 1).reshape(N * C, 1, 1, 2 * R + 1)
-    y = x.reshape(1, N * C, H, W)  # every band of every image is its own channel
-    y = F.conv2d(F.pad(y, (R, R, 0, 0), mode="reflect"), k, groups=N * C)
-    y = F.conv2d(F.pad(y, (0, 0, R, R), mode="reflect"), k.view(N * C, 1, -1, 1), groups=N * C)
-    return y.view(N, C, H, W)
-
-
-def batch_solarize(x, apply):
-    """spectral_solarize (threshold 0) of the images where apply (N,) is True."""
-    return torch.where(apply.view(-1, 1, 1, 1) & (x > 0), -x, x)
-
-
-def per_view(u, p):
-    """u (V * B,) view-major uniforms < p[v] for view v: a draw with a probability per view."""
-    return torch.cat([c < pv for c, pv in zip(u.chunk(len(p)), p)])
-
-
-# iBOT masks: how many tokens each crop masks is drawn on the host (the counts fix the number of masked
-# tokens, so the step needs no host sync to know it); which tokens, on the device.
-
-def ibot_mask_counts(batch, tokens, rng, ratio=(0.1, 0.5), probability=0.5):
-    """(batch,) masked-token counts for block masks: a `probability` share of the images masked, their
-    ratios stratified over `ratio` (one draw per equal-width bin, as DINOv2 does), the others unmasked;
-    order shuffled."""
-    n_masked = int(batch * probability)
-    edges = np.linspace(*ratio, n_masked + 1)
-    counts = np.zeros(batch, np.int64)
-    counts[:n_masked] = np.round(tokens * rng.uniform(edges[:-1], edges[1:]))
-    return counts[rng.permutation(batch)]
-
-
-def spectral_mask_counts(n, groups, rng, ratio=(0.1, 0.5), probability=0.5):
-    """(n,) masked band-group counts: a `probability` share of the rows hides round(U(ratio) * groups)
-    groups (at least one), the others none."""
-    masked = rng.random(n) < probability
-    return np.where(masked, np.maximum(1, np.round(rng.uniform(*ratio, n) * groups)), 0).astype(np.int64)
-
-
-def block_masks(counts, h, w, u_blocks, u_fill, min_block=4, aspect=(0.3, 1 / 0.3)):
-    """BEiT-style block masks, batched: row i of the (n, h * w) result masks exactly counts[i] of the h x w
-    patches. Per row, T rectangles (u_blocks (n, T, 4) uniforms: area U(min_block, patches still missing),
-    log-uniform aspect ratio, uniform position) are laid one after the other, each kept when it adds at
-    least one and at most the missing patches; then single random patches (u_fill (n, h * w)) make the
-    count exact."""
-    ys = torch.arange(h, device=counts.device).view(1, h, 1)
-    xs = torch.arange(w, device=counts.device).view(1, 1, w)
-    mask = torch.zeros(len(counts), h, w, dtype=torch.bool, device=counts.device)
-    lo, hi = math.log(aspect[0]), math.log(aspect[1])
-    for u in u_blocks.unbind(1):
-        left = counts - mask.sum((1, 2))
-        area = min_block + u[:, 0] * (left - min_block)
-        ar = torch.exp(lo + (hi - lo) * u[:, 1])
-        bh, bw = (area * ar).sqrt().round(), (area / ar).sqrt().round()
-        top, lft = (u[:, 2] * (h - bh + 1)).floor(), (u[:, 3] * (w - bw + 1)).floor()
-        rect = ((ys >= top.view(-1, 1, 1)) & (ys < (top + bh).view(-1, 1, 1))
-                & (xs >= lft.view(-1, 1, 1)) & (xs < (lft + bw).view(-1, 1, 1)))
-        new = (rect & ~mask).sum((1, 2))
-        ok = (left >= min_block) & (bh >= 1) & (bh <= h) & (bw >= 1) & (bw <= w) & (new >= 1) & (new <= left)
-        mask |= rect & ok.view(-1, 1, 1)
-    mask = mask.flatten(1)
-    left = counts - mask.sum(1)
-    order = torch.where(mask, 2.0, u_fill).argsort(1).argsort(1)  # unmasked patches first, in random order
-    return mask | (order < left[:, None])
-
-
-def random_subsets(counts, u):
-    """(n, G) bool: row i marks counts[i] of its G entries, chosen uniformly by the uniforms u (n, G)."""
-    return u.argsort(1).argsort(1) < counts[:, None]
-
-
-# ----------------------------------------------------------------------------- tiling
-
-SCENE_SAMPLING = ("pixels", "uniform")
-
+# ----------------------------------------------------------------------------- loaders
 
 class RandomTiles(torch.utils.data.Dataset):
-    """Random size x size windows cut from all rasters of all datasets (rasters drawn in proportion to
-    their area), passed through `augment` (Augment, MultiCrop: anything mapping (img, lab, rng, normalize)
-    to (x, y)); an item is (x, y, dataset index), or (x, dataset index) with labels=False (pre-training:
-    less to ship between processes). raw=True: no augmentation here, an item is the raw window (C, size,
-    size) in transport_dtype and its (dataset, valid extent) (5,), for DeviceNormalize and the batched
-    augmentations on the device. Item i is a pure function of (seed, i) - the same window in both modes -
-    so any number of workers and any resume point give the same samples. sampling: which dataset a
-    window comes from - "pixels" (in proportion to area: every pixel equally likely) or "uniform" (every
-    dataset equally often, e.g. sensors of very different coverage)."""
+    """Random size x size windows of all datasets' rasters, every pixel equally likely, through `augment`
+    (anything mapping (img, lab, rng, normalize, reflectance) to (x, y)): items (x, y, dataset index), or
+    (x, dataset index) with labels=False (pre-training: less to ship between processes). raw=True: the raw
+    window (C, size, size) in transport_dtype and (dataset, valid extent) (5,), for the device to finish.
+    Item i is a function of (seed, i) only, the same window in both modes, so any number of workers and any
+    resume point give the same samples."""
 
-    def __init__(self, datasets, size, seed=0, augment=None, min_labelled=0, labels=True, raw=False,
-                 sampling="pixels"):
+    def __init__(self, datasets, size, seed=0, augment=None, min_labelled=0, labels=True, raw=False):
         self.datasets, self.size, self.seed, self.augment = datasets, size, seed, augment or Augment()
         self.min_labelled, self.labels, self.raw = min_labelled, labels, raw
         if raw and (min_labelled or labels):
@@ -1181,11 +965,6 @@ class RandomTiles(torch.utils.data.Dataset):
         self.transport = transport_dtype(datasets) if raw else None
         self.index = [(d, r) for d, ds in enumerate(datasets) for r in range(len(ds.rasters))]
         areas = np.array([np.prod(datasets[d].rasters[r].image.shape[1:]) for d, r in self.index], float)
-        if sampling == "uniform":  # each dataset 1 / len(datasets), its rasters by area within
-            per_dataset = np.bincount([d for d, _ in self.index], areas)
-            areas = areas / per_dataset[[d for d, _ in self.index]]
-        elif sampling != "pixels":
-            raise ValueError(f"unknown scene sampling {sampling!r}; available: {', '.join(SCENE_SAMPLING)}")
         self.cum = np.cumsum(areas / areas.sum())
 
     def __len__(self):
@@ -1208,23 +987,161 @@ class RandomTiles(torch.utils.data.Dataset):
         return (x, y, d) if self.labels else (x, d)
 
 
-SMALL_INTEGERS = (np.int8, np.uint8, np.int16, np.uint16)
+class GridTiles(torch.utils.data.Dataset):
+    """Overlapping windows over every raster (or the listed ones), for evaluation: the normalised window,
+    its labels and where it came from (raster index, y, x)."""
 
+    def __init__(self, ds, size, overlap, rasters=None):
+        self.ds, self.size = ds, size
+        rasters = range(len(ds.rasters)) if rasters is None else rasters
+        self.items = [(r, y, x) for r in rasters
+                      for y, x in grid_windows(*ds.rasters[r].image.shape[1:], size, overlap)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        r, y, x = self.items[i]
+        img, lab = self.ds.crop(r, y, x, self.size, self.size)
+        return torch.from_numpy(self.ds.normalize(img)), torch.from_numpy(lab), torch.tensor([r, y, x])
+
+
+def grid_windows(H, W, size, overlap):
+    """Top-left corners of size x size windows covering H x W with at least `overlap` px overlap, the last
+    row/column aligned with the border; one (padded) window when the image is smaller."""
+    stride = size - overlap
+    if stride <= 0:
+        raise ValueError(f"overlap {overlap} must be smaller than the window {size}")
+
+    def starts(n):
+        return [0] if n <= size else sorted(set(list(range(0, n - size, stride)) + [n - size]))
+    return [(y, x) for y in starts(H) for x in starts(W)]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch indices by step: step s, rank r reads items [(s*world + r)*B, ... + B), in pieces of at most
+    `chunk` items, so that a run resumed at step s reads exactly what the uninterrupted run would have."""
+
+    def __init__(self, batch_size, start_step=0, rank=0, world=1, chunk=None):
+        self.B, self.start, self.rank, self.world, self.chunk = batch_size, start_step, rank, world, chunk or batch_size
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            base = (step * self.world + self.rank) * self.B
+            for lo in range(base, base + self.B, self.chunk):
+                yield list(range(lo, min(lo + self.chunk, base + self.B)))
+            step += 1
+
+
+SHM_ADVICE = ("give the container more shared memory (docker run --shm-size=8g, or --ipc=host; Kubernetes: an "
+              "emptyDir volume with medium: Memory mounted at /dev/shm), or pass --workers 0")
+
+
+class StepLoader:
+    """The step-indexed DataLoader every trainer reads: each step's batch, collated like the items, on
+    `device` (through pinned memory on a GPU). workers=None: 4 per process on GPU, none on CPU (where
+    workers only steal the model's cores). Workers hand batches over in /dev/shm (64 MB in a default
+    container), PREFETCH each: where that does not fit, a batch travels in chunks (shm_chunk)."""
+
+    def __init__(self, dataset, batch_size, start_step, rank, world, workers, device):
+        workers = (4 if device.type == "cuda" else 0) if workers is None else workers
+        chunk = shm_chunk(dataset, batch_size, workers) if workers else batch_size
+        self.parts, self.device = math.ceil(batch_size / chunk), device
+        # Own generator: otherwise creating the iterator draws from the global torch RNG, which would make a
+        # resumed run's masks differ from the uninterrupted run's.
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=StepBatches(batch_size, start_step, rank, world, chunk),
+            generator=torch.Generator(), num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
+            worker_init_fn=ignore_stop_signals if workers else None)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            try:
+                parts = [to_device(next(batches), self.device) for _ in range(self.parts)]
+            except RuntimeError as e:
+                if not any(s in str(e) for s in ("shared memory", "No space left on device", "Bus error")):
+                    raise
+                raise DataError(f"the DataLoader workers ran out of shared memory (/dev/shm): {SHM_ADVICE} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            yield parts[0] if self.parts == 1 else concat(parts)
+
+
+step_loader = StepLoader  # the name the trainers call
+
+
+def shm_free_bytes():
+    """Free bytes in /dev/shm, None where there is none (not Linux)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def shm_chunk(dataset, batch_size, workers):
+    """Items per DataLoader batch such that what the workers hold in /dev/shm (workers x PREFETCH batches)
+    stays within half of this process's share of its free space (the node's processes share it)."""
+    free = shm_free_bytes()
+    if free is None:
+        return batch_size
+    item = nbytes(dataset[0])
+    share = free / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    chunk = min(batch_size, int(share // (workers * PREFETCH * item)))
+    mb = lambda n: f"{n / 2 ** 20:.1f} MB"  # noqa: E731
+    if chunk < 1:
+        raise DataError(f"/dev/shm has {mb(free)} free: too little for {workers} loader workers x {PREFETCH} batches "
+                        f"of even one item ({mb(item)}) per process; {SHM_ADVICE}")
+    if chunk < batch_size:
+        print0(f"note: /dev/shm has {mb(free)} free, so the loader ships each batch of {batch_size} in chunks of "
+               f"{chunk} (more overhead per item); {SHM_ADVICE}")
+    return chunk
+
+
+# Items and batches are tensors in (nested) tuples/lists.
+
+def nbytes(item):
+    if torch.is_tensor(item):
+        return item.nbytes
+    return sum(nbytes(i) for i in item) if isinstance(item, (tuple, list)) else 0
+
+
+def to_device(batch, device):  # from pinned memory the copy does not wait for the device
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(b, device) for b in batch)
+
+
+def concat(parts):
+    """Chunks of one batch -> the batch."""
+    return torch.cat(parts) if torch.is_tensor(parts[0]) else type(parts[0])(concat(list(p)) for p in zip(*parts))
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which saves and stops."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------- batched on the device
+# The per-tile augmentations for a whole batch at once (B tiles, or V views of each, view-major: V * B
+# images), with the same distributions and other draws, every draw from a StepRandom. The loader's workers
+# only cut raw windows (RandomTiles(raw=True)).
 
 def transport_dtype(datasets):
-    """What raw windows travel as from the loader's workers to the device: int16 (half of float32) when
-    every raster holds integers of at most 16 bits (uint16 as its bit pattern, undone on the device),
-    float32 otherwise."""
-    small = all(r.image.dtype in SMALL_INTEGERS for ds in datasets for r in ds.rasters)
+    """int16 (half of float32) when every raster holds integers of at most 16 bits (uint16 as its bit
+    pattern, undone on the device), else float32."""
+    small = all(r.image.dtype in (np.int8, np.uint8, np.int16, np.uint16) for ds in datasets for r in ds.rasters)
     return np.int16 if small else np.float32
 
 
 class DeviceNormalize:
-    """HSIDataset.crop's and normalize's arithmetic for raw windows, batched on the device. physical: raw
-    (B, C, S, S) windows and their info (B, 5) (dataset, valid extent; RandomTiles(raw=True)) -> float32
-    in physical units, invalid pixels (nodata, NaN, fill, past the raster's border) at the band means;
-    calling it: (x - mean) / std per band with each sample's dataset's statistics. Bit for bit what crop()
-    and normalize() give. The datasets' constants go to the device once, here."""
+    """HSIDataset.crop's and normalize's arithmetic, bit for bit, on the device. physical: raw windows
+    (B, C, S, S) and their info (B, 5) (dataset, valid extent) -> float32 in physical units, invalid pixels
+    (nodata, NaN, fill, past the border) at the band means; calling it: (x - mean) / std per band with each
+    sample's dataset's statistics."""
 
     def __init__(self, datasets, device):
         if any(ds.pca is not None or ds.grid is not None for ds in datasets):
@@ -1271,12 +1188,11 @@ class DeviceNormalize:
 
 
 class StepRandom:
-    """Uniform random numbers for one step of the global batch, of which this process takes its rows:
-    every draw is made for all world x batch samples from a generator seeded by (seed, stream, step), and
-    row r * batch + j goes to sample j of rank r - the global sample StepBatches gives that rank. So a
-    sample's augmentation depends on (seed, step, its place in the global batch) only: one process and
-    several draw the same, and a resumed run redraws exactly. Drawing the global batch's parameters costs
-    a few numbers per sample; every image operation runs on this rank's samples only."""
+    """Uniform random numbers for one step of the global batch, of which this process takes its rows: every
+    draw is made for all world x batch samples from a generator seeded by (seed, stream, step), and row
+    r * batch + j goes to sample j of rank r (the global sample StepBatches gives it). So an augmentation
+    depends on (seed, step, place in the global batch) only: one process and several draw the same, and a
+    resumed run redraws exactly, for a few numbers per sample."""
 
     def __init__(self, seed, step, rank, world, batch, device, stream=0):
         state = np.random.SeedSequence([seed, stream, step]).generate_state(1, np.uint64)[0]
@@ -1292,255 +1208,203 @@ class StepRandom:
         return self.uniform(views, *shape).transpose(0, 1).flatten(0, 1)
 
 
-def grid_windows(H, W, size, overlap):
-    """Top-left corners of size x size windows covering H x W with at least `overlap` px overlap; the
-    last row/column is aligned with the border. Images smaller than a window get one (padded) window."""
-    stride = size - overlap
-    if stride <= 0:
-        raise ValueError(f"overlap {overlap} must be smaller than the window {size}")
-
-    def starts(n):
-        if n <= size:
-            return [0]
-        return sorted(set(list(range(0, n - size, stride)) + [n - size]))
-    return [(y, x) for y in starts(H) for x in starts(W)]
-
-
-class GridTiles(torch.utils.data.Dataset):
-    """Deterministic overlapping windows over every raster (or the listed ones), for evaluation: yields
-    the normalised window, its labels and where it came from (raster index, y, x)."""
-
-    def __init__(self, ds, size, overlap, rasters=None):
-        self.ds, self.size = ds, size
-        rasters = range(len(ds.rasters)) if rasters is None else rasters
-        self.items = [(r, y, x) for r in rasters for y, x in grid_windows(*ds.rasters[r].image.shape[1:], size, overlap)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        r, y, x = self.items[i]
-        img, lab = self.ds.crop(r, y, x, self.size, self.size)
-        return torch.from_numpy(self.ds.normalize(img)), torch.from_numpy(lab), torch.tensor([r, y, x])
+def crop_boxes(u, scale, ratio=(3 / 4, 4 / 3)):
+    """random_resized_crop's boxes from u (N, 2 * CROP_TRIES + 2) uniforms, in fractions of the tile's side
+    -> (w, h, x, y), each (N,), (x, y) the centre in affine_grid units ([-1, 1])."""
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0:2 * CROP_TRIES:2]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1:2 * CROP_TRIES:2]
+    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()  # (N, tries)
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)
+    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)  # none fits: the whole tile
+    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)
+    return w, h, (2 * u[:, -2] - 1) * (1 - w), (2 * u[:, -1] - 1) * (1 - h)
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """Batch indices by step: step s, rank r reads items [(s*world + r)*B, ... + B), in pieces of at most
-    `chunk` items (StepLoader puts them together). Resuming at step s reads exactly what the uninterrupted
-    run would have read."""
-
-    def __init__(self, batch_size, start_step=0, rank=0, world=1, chunk=None):
-        self.B, self.start, self.rank, self.world, self.chunk = batch_size, start_step, rank, world, chunk or batch_size
-
-    def __iter__(self):
-        step = self.start
-        while True:
-            base = (step * self.world + self.rank) * self.B
-            for lo in range(base, base + self.B, self.chunk):
-                yield list(range(lo, min(lo + self.chunk, base + self.B)))
-            step += 1
+def full_boxes(n, device):
+    one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
+    return one, one, zero, zero
 
 
-PREFETCH = 2  # batches in flight per worker
-SHM_ADVICE = ("give the container more shared memory (docker run --shm-size=8g, or --ipc=host; Kubernetes: an "
-              "emptyDir volume with medium: Memory mounted at /dev/shm), or pass --workers 0")
+def dihedral_index(u):
+    """One of the 8 rot90/flip transforms per image, from uniforms u (N,)."""
+    return (u * 8).long().clamp(max=7)
 
 
-class StepLoader:
-    """The step-indexed DataLoader every trainer reads: iterating gives each step's batch (the items'
-    tensors collated, as tuples/lists like the items) on `device`, through pinned memory on a GPU.
-    workers=None: 4 per process on GPU; none on CPU, where workers only steal the model's cores. Workers
-    hand batches over in shared memory (/dev/shm: 64 MB in a default container), PREFETCH per worker:
-    when that does not fit, a batch travels in smaller chunks (shm_chunk), put together on the device."""
-
-    def __init__(self, dataset, batch_size, start_step, rank, world, workers, device):
-        workers = (4 if device.type == "cuda" else 0) if workers is None else workers
-        chunk = shm_chunk(dataset, batch_size, workers) if workers else batch_size
-        self.parts, self.device = math.ceil(batch_size / chunk), device
-        # Own generator: otherwise creating the iterator draws from the global torch RNG, which would make a
-        # resumed run's masks differ from the uninterrupted run's.
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=StepBatches(batch_size, start_step, rank, world, chunk),
-            generator=torch.Generator(), num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
-            worker_init_fn=ignore_stop_signals if workers else None)
-
-    def __iter__(self):
-        batches = iter(self.loader)
-        while True:
-            try:
-                parts = [to_device(next(batches), self.device) for _ in range(self.parts)]
-            except RuntimeError as e:
-                if not any(s in str(e) for s in ("shared memory", "No space left on device", "Bus error")):
-                    raise
-                raise DataError(f"the DataLoader workers ran out of shared memory (/dev/shm): {SHM_ADVICE} "
-                                f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
-            yield parts[0] if self.parts == 1 else concat(parts)
+def dihedral_matrices(k):
+    """(N, 2, 2) matrices of the rot90/flip transforms k (N,), built where k is (no table to copy to the
+    device): k < 4 diagonal, k >= 4 anti-diagonal, the signs from k's two low bits."""
+    a, b, swap = 1 - 2 * ((k >> 1) & 1).float(), 1 - 2 * (k & 1).float(), (k >= 4).float()
+    return torch.stack([a * (1 - swap), a * swap, b * swap, b * (1 - swap)], -1).view(-1, 2, 2)
 
 
-def step_loader(dataset, batch_size, start_step, rank, world, workers, device):
-    """StepLoader(...): see there."""
-    return StepLoader(dataset, batch_size, start_step, rank, world, workers, device)
+def resample(x, boxes, k, size):
+    """Crop (boxes (w, h, x, y)), turn (rot90/flip k, None: not turned) and resize to size x size in one
+    bilinear affine resampling. x (B, C, S, S); boxes and k hold V views per tile, view-major -> (V * B, C,
+    size, size). The views share one sampling grid per tile, so x is never copied V times."""
+    w, h, cx, cy = boxes
+    (B, C), N = x.shape[:2], w.shape[0]
+    theta = torch.zeros(N, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = w, h, cx, cy
+    if k is not None:
+        theta[:, :, :2] = theta[:, :, :2] @ dihedral_matrices(k)
+    grid = F.affine_grid(theta, [N, 1, size, size], align_corners=False)  # (V * B, size, size, 2)
+    grid = grid.view(N // B, B, size, size, 2).transpose(0, 1).reshape(B, N // B * size, size, 2)
+    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(B, C, N // B, size, size).transpose(0, 2).transpose(1, 2).reshape(N, C, size, size)
 
 
-def shm_free_bytes():
-    """Free bytes in /dev/shm, None where there is none (not Linux)."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
+def batch_jitter(x, u, brightness, contrast, band_gain, apply, spread=None):
+    """spectral_jitter of the images of x (N, C, H, W) where apply (N,), from u (N, 2 + C) uniforms, as one
+    multiply-add per value: (mean + c (x - mean)) gain = mean (1 - c) gain + c gain x."""
+    C = x.shape[1]
+    gain = (1 - brightness + 2 * brightness * u[:, :1]) * (1 - band_gain + 2 * band_gain * u[:, 2:2 + C])  # (N, C)
+    c = 1 - contrast + 2 * contrast * u[:, 1:2]
+    mean, low = x.mean((2, 3)), x.amin((2, 3))
+    c_max = (mean / (mean - low).clamp_min(1e-12)).amin(1, keepdim=True)  # the darkest pixel reaches zero
+    c = torch.where(low.amin(1, keepdim=True) >= 0, torch.minimum(c, c_max), c)
+    if spread is not None:
+        bound = spread * x.std((2, 3), correction=0) / mean.abs().clamp_min(1e-12)
+        gain = torch.minimum(torch.maximum(gain, 1 - bound), 1 + bound)
+    scale = torch.where(apply[:, None], c * gain, 1.0)
+    shift = torch.where(apply[:, None], mean * (1 - c) * gain, 0.0)
+    return torch.addcmul(shift[:, :, None, None], scale[:, :, None, None], x)
 
 
-def shm_chunk(dataset, batch_size, workers):
-    """Items per DataLoader batch such that what the workers hold in /dev/shm (workers x PREFETCH batches)
-    stays within half of this process's share of its free space (the node's processes share it)."""
-    free = shm_free_bytes()
-    if free is None:
-        return batch_size
-    item = nbytes(dataset[0])
-    share = free / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    chunk = min(batch_size, int(share // (workers * PREFETCH * item)))
-    mb = lambda n: f"{n / 2 ** 20:.1f} MB"  # noqa: E731
-    if chunk < 1:
-        raise DataError(f"/dev/shm has {mb(free)} free: too little for {workers} loader workers x {PREFETCH} batches "
-                        f"of even one item ({mb(item)}) per process; {SHM_ADVICE}")
-    if chunk < batch_size:
-        print0(f"note: /dev/shm has {mb(free)} free, so the loader ships each batch of {batch_size} in chunks of "
-               f"{chunk} (more overhead per item); {SHM_ADVICE}")
-    return chunk
+def batch_blur(x, sigma, max_sigma):
+    """gaussian_blur of every image of x (N, C, H, W) with its own sigma (N,), 0 = none, as one separable
+    depthwise convolution of the batch: each kernel cut at ceil(3 sigma), as gaussian_blur's."""
+    N, C, H, W = x.shape
+    R = min(math.ceil(3 * max_sigma), (min(H, W) - 1) // 2)
+    if R < 1:
+        return x
+    t = torch.arange(-R, R + 1, device=x.device, dtype=x.dtype)
+    on = sigma > 0
+    s = torch.where(on, sigma, 1.0)[:, None]
+    k = torch.exp(-0.5 * (t / s) ** 2) * (t.abs() <= (3 * s).ceil())
+    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).to(x.dtype))  # (N, 2R + 1)
+    k = k[:, None].expand(N, C, 2 * R + 1).reshape(N * C, 1, 1, 2 * R + 1)
+    y = x.reshape(1, N * C, H, W)  # every band of every image is its own channel
+    y = F.conv2d(F.pad(y, (R, R, 0, 0), mode="reflect"), k, groups=N * C)
+    y = F.conv2d(F.pad(y, (0, 0, R, R), mode="reflect"), k.view(N * C, 1, -1, 1), groups=N * C)
+    return y.view(N, C, H, W)
 
 
-def nbytes(item):
-    """Bytes of the tensors in an item (tensors in tuples/lists)."""
-    if torch.is_tensor(item):
-        return item.nbytes
-    return sum(nbytes(i) for i in item) if isinstance(item, (tuple, list)) else 0
+def batch_solarize(x, apply):
+    return torch.where(apply.view(-1, 1, 1, 1) & (x > 0), -x, x)
 
 
-def to_device(batch, device):
-    """Tensors (in tuples/lists) to `device`; from pinned memory the copy does not wait for the device."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(b, device) for b in batch)
+def per_view(u, p):
+    """u (V * B,) view-major uniforms < p[v] for view v: a draw with a probability per view."""
+    return torch.cat([c < pv for c, pv in zip(u.chunk(len(p)), p)])
 
 
-def concat(parts):
-    """Chunks of one batch (same structure) -> the batch."""
-    if torch.is_tensor(parts[0]):
-        return torch.cat(parts)
-    return type(parts[0])(concat(list(p)) for p in zip(*parts))
+def augment_on_device(augment, x, d, rnd, normalize):
+    """An Augment or a MultiCrop for tiles x (B, C, S, S) in physical units from datasets d (B,), drawn from
+    rnd (a StepRandom), normalised by a DeviceNormalize: an Augment -> (B, C, S, S); a MultiCrop -> global
+    views (2B, C, G, G) and local views (n_local * B, C, L, L), view-major."""
+    a = augment
+    if isinstance(a, MultiCrop):
+        return (multi_crop_views(a, x, d, rnd, normalize, a.global_size, a.global_scale, a.global_blur_p,
+                                 a.global_solarize_p),
+                multi_crop_views(a, x, d, rnd, normalize, a.local_size, a.local_scale, (a.local_blur_p,) * a.n_local,
+                                 (0.0,) * a.n_local))
+    if a.flips or a.crop_scale is not None:
+        boxes = full_boxes(len(x), x.device) if a.crop_scale is None else crop_boxes(rnd.uniform(2 * CROP_TRIES + 2),
+                                                                                      a.crop_scale)
+        x = resample(x, boxes, dihedral_index(rnd.uniform()) if a.flips else None, x.shape[-1])
+    return normalize(x, d)
 
 
-def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which saves and stops."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
+def multi_crop_views(crops, x, d, rnd, normalize, size, scale, blur_p, solarize_p):
+    """len(blur_p) views of every tile, view v blurred with probability blur_p[v] and solarised with
+    solarize_p[v] -> (V * B, C, size, size), view-major."""
+    V, C = len(blur_p), x.shape[1]
+    if V == 0:
+        return x.new_zeros(0, C, size, size)
+    v = resample(x, crop_boxes(rnd.views(V, 2 * CROP_TRIES + 2), scale), dihedral_index(rnd.views(V)), size)
+    jitter = (rnd.views(V) < crops.jitter_p) & normalize.reflectance[d].repeat(V)
+    v = batch_jitter(v, rnd.views(V, 2 + C), crops.brightness, crops.contrast, crops.band_gain, jitter, crops.spread)
+    blur = per_view(rnd.views(V), blur_p)
+    lo, hi = crops.blur_sigma
+    v = batch_blur(v, torch.where(blur, lo + (hi - lo) * rnd.views(V), 0.0), hi)
+    return batch_solarize(normalize(v, d.repeat(V)), per_view(rnd.views(V), solarize_p))
+
+
+def view_major(views):
+    """The loader's collated per-tile views ((B, 2, C, G, G), (B, n, C, L, L)) -> augment_on_device's layout."""
+    return tuple(v.transpose(0, 1).flatten(0, 1) for v in views)
+
+
+# iBOT masks: how many tokens each crop masks is drawn on the host (then the step needs no host sync to know
+# the number of masked tokens); which tokens, on the device.
+
+def ibot_mask_counts(batch, tokens, rng, ratio=(0.1, 0.5), probability=0.5):
+    """(batch,) masked-token counts: a `probability` share of the images masked, their ratios stratified
+    over `ratio` (one draw per equal-width bin, as DINOv2 does), the others not; order shuffled."""
+    n_masked = int(batch * probability)
+    edges = np.linspace(*ratio, n_masked + 1)
+    counts = np.zeros(batch, np.int64)
+    counts[:n_masked] = np.round(tokens * rng.uniform(edges[:-1], edges[1:]))
+    return counts[rng.permutation(batch)]
+
+
+def spectral_mask_counts(n, groups, rng, ratio=(0.1, 0.5), probability=0.5):
+    """(n,) masked band-group counts: a `probability` share of the rows hides round(U(ratio) * groups)
+    groups (at least one), the others none."""
+    masked = rng.random(n) < probability
+    return np.where(masked, np.maximum(1, np.round(rng.uniform(*ratio, n) * groups)), 0).astype(np.int64)
+
+
+def block_masks(counts, h, w, u_blocks, u_fill, min_block=4, aspect=(0.3, 1 / 0.3)):
+    """BEiT-style block masks, batched: row i of the (n, h * w) result masks exactly counts[i] of the h x w
+    patches. Per row, T rectangles (u_blocks (n, T, 4) uniforms: area U(min_block, patches still missing),
+    log-uniform aspect ratio, uniform position) are laid one after the other, each kept when it adds at
+    least one and at most the missing patches; then single random patches (u_fill (n, h * w)) make the
+    count exact."""
+    ys = torch.arange(h, device=counts.device).view(1, h, 1)
+    xs = torch.arange(w, device=counts.device).view(1, 1, w)
+    mask = torch.zeros(len(counts), h, w, dtype=torch.bool, device=counts.device)
+    lo, hi = math.log(aspect[0]), math.log(aspect[1])
+    for u in u_blocks.unbind(1):
+        left = counts - mask.sum((1, 2))
+        area = min_block + u[:, 0] * (left - min_block)
+        ar = torch.exp(lo + (hi - lo) * u[:, 1])
+        bh, bw = (area * ar).sqrt().round(), (area / ar).sqrt().round()
+        top, lft = (u[:, 2] * (h - bh + 1)).floor(), (u[:, 3] * (w - bw + 1)).floor()
+        rect = ((ys >= top.view(-1, 1, 1)) & (ys < (top + bh).view(-1, 1, 1))
+                & (xs >= lft.view(-1, 1, 1)) & (xs < (lft + bw).view(-1, 1, 1)))
+        new = (rect & ~mask).sum((1, 2))
+        ok = (left >= min_block) & (bh >= 1) & (bh <= h) & (bw >= 1) & (bw <= w) & (new >= 1) & (new <= left)
+        mask |= rect & ok.view(-1, 1, 1)
+    mask = mask.flatten(1)
+    left = counts - mask.sum(1)
+    order = torch.where(mask, 2.0, u_fill).argsort(1).argsort(1)  # unmasked patches first, in random order
+    return mask | (order < left[:, None])
+
+
+def random_subsets(counts, u):
+    """(n, G) bool: row i marks counts[i] of its G entries, chosen uniformly by the uniforms u (n, G)."""
+    return u.argsort(1).argsort(1) < counts[:, None]
 
 
 def augmented_batches(datasets, size, augment, seed, batch_size, start_step, rank, world, workers, device,
-                      on_device, sampling="pixels"):
-    """Each step's augmented, normalised batch on the device, for the pre-training trainers; augment is an
-    Augment (-> (B, C, H, W)) or a MultiCrop (-> (2B, C, G, G), (nB, C, L, L), view-major). on_device:
-    the workers only cut raw windows and the augmentations run batched on the device, drawn from
-    StepRandom(seed, step) - a GPU needs thousands of tiles/s, several times what CPU workers augment;
-    else every tile is augmented in the workers (for CPU runs). Same windows and distributions, other
-    draws."""
-    tiles = RandomTiles(datasets, size, seed, None if on_device else augment, labels=False, raw=on_device,
-                        sampling=sampling)
+                      on_device):
+    """Each step's augmented, normalised batch on the device for the pre-training trainers, laid out as
+    augment_on_device returns it. on_device: the workers only cut raw windows and the augmentations run
+    batched on the device, drawn from StepRandom(seed, step); else the workers augment every tile (CPU
+    runs). Same windows and distributions, other draws."""
+    tiles = RandomTiles(datasets, size, seed, None if on_device else augment, labels=False, raw=on_device)
     normalize = DeviceNormalize(datasets, device) if on_device else None
     loader = StepLoader(tiles, batch_size, start_step, rank, world, workers, device)
+    multi = isinstance(augment, MultiCrop)
 
     def batches():  # the loader and constants above are ready before the first step
         for step, batch in enumerate(loader, start_step):
-            if on_device:
-                raw, info = batch
-                rnd = StepRandom(seed, step, rank, world, batch_size, device)
-                yield augment.batch(normalize.physical(raw, info), info[:, 0], rnd, normalize)
-            else:
-                yield augment.collated(batch[0])
+            if not on_device:
+                yield view_major(batch[0]) if multi else batch[0]
+                continue
+            raw, info = batch
+            rnd = StepRandom(seed, step, rank, world, batch_size, device)
+            yield augment_on_device(augment, normalize.physical(raw, info), info[:, 0], rnd, normalize)
     return batches()
-
-
-# ----------------------------------------------------------------------------- sparse-label splits
-
-def sparse_split(labels, seed, per_class=None, fraction=None):
-    """Train/test masks over labelled pixels: `per_class` pixels (at most half of a small class) or a
-    `fraction` (at least one) of each class go to train, every other labelled pixel to test.
-    labels: (H, W) int with IGNORE_INDEX for unlabelled."""
-    if (per_class is None) == (fraction is None):
-        raise ValueError("give exactly one of per_class and fraction")
-    rng = np.random.default_rng(seed)
-    train = np.zeros(labels.shape, bool)
-    flat = labels.ravel()
-    for c in np.unique(flat[flat != IGNORE_INDEX]):
-        idx = np.flatnonzero(flat == c)
-        n = min(per_class, len(idx) // 2) if per_class is not None else max(1, round(fraction * len(idx)))
-        train.ravel()[rng.choice(idx, n, replace=False)] = True
-    return train, (labels != IGNORE_INDEX) & ~train
-
-
-def save_split(path, train, test, **info):
-    np.savez_compressed(path, train=train, test=test, info=json.dumps(info))
-
-
-def load_split(path, shape):
-    """(train mask, test mask, info) of a split saved by save_split; info holds e.g. the kept `classes`."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no saved split")
-    z = np.load(path)
-    if z["train"].shape != tuple(shape):
-        raise DataError(f"{path}: split is {z['train'].shape} but the scene is {tuple(shape)}")
-    return z["train"], z["test"], json.loads(str(z["info"]))
-
-
-def scene_labels(ds):
-    """The scene's (H, W) int64 labels with IGNORE_INDEX for unlabelled pixels."""
-    r = ds.rasters[0]
-    if r.label is None:
-        raise DataError(f"{ds.name}: scene has no gt.tif, so it has no labels to split")
-    return ds.crop(0, 0, 0, *r.image.shape[1:])[1]
-
-
-def select_classes(ds, classes):
-    """A copy of a one-raster scene with only `classes` (0-based ids, in this order) labelled, renumbered
-    0..len(classes)-1; pixels of other classes become unlabelled. The class count follows."""
-    r = ds.rasters[0]
-    lut = np.zeros(max(ds.num_classes, int(np.max(r.label))) + 1, np.uint8)
-    lut[np.asarray(classes, np.int64) + 1] = np.arange(1, len(classes) + 1)
-    return HSIDataset(**{**ds.__dict__, "rasters": [Raster(r.path, r.image, lut[np.asarray(r.label)])],
-                         "num_classes": len(classes), "class_names": [ds.class_names[c] for c in classes]})
-
-
-def scene_split(ds, seed, per_class=None, fraction=None, min_class_pixels=0):
-    """The sparse-label protocol of a scene: only classes with at least `min_class_pixels` labelled
-    (valid) pixels take part (e.g. 400: Lee & Kwon's 9 Indian Pines classes), then `sparse_split`.
-    Returns (dataset with the kept classes renumbered, train mask, test mask, kept class ids or None)."""
-    classes = None
-    if min_class_pixels:
-        counts = np.bincount(scene_labels(ds).ravel() + 1, minlength=ds.num_classes + 1)[1:]
-        classes = [c for c in range(ds.num_classes) if counts[c] >= min_class_pixels]
-        if not classes:
-            raise DataError(f"{ds.name}: no class has {min_class_pixels} labelled pixels (largest: {counts.max()})")
-        ds = select_classes(ds, classes)
-    train, test = sparse_split(scene_labels(ds), seed, per_class, fraction)
-    return ds, train, test, classes
-
-
-def with_labels(ds, mask):
-    """A copy of a one-raster scene whose labels outside `mask` are unlabelled (e.g. the train split)."""
-    r = ds.rasters[0]
-    label = np.where(mask, np.asarray(r.label), 0).astype(np.uint8)
-    return HSIDataset(**{**ds.__dict__, "rasters": [Raster(r.path, r.image, label)]})
-
-
-# ----------------------------------------------------------------------------- pictures
-
-def render_bands(img, bands, ref=None):
-    """(C, H, W) tensor -> (3, H, W) in [0, 1] from three bands, each stretched between its 2nd and
-    98th percentile (of `ref` when given, so a prediction is shown on the same scale as its input)."""
-    rgb = img[list(bands)].float()
-    ref = rgb if ref is None else ref[list(bands)].float()
-    lo = ref.flatten(1).quantile(0.02, dim=1)[:, None, None]
-    hi = ref.flatten(1).quantile(0.98, dim=1)[:, None, None]
-    return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)

@@ -12,18 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VIT_SIZES = {  # embed_dim, depth, heads
-    "micro": (96, 8, 8),     # MaskedSST's model (configs/config.yaml: 96-d, 8 heads, 4 spatial + 4 spectral blocks)
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),   # the study's ViT-B
-}
-MAE_DECODER_SIZES = {  # decoder dim, depth, heads; base = the MAE paper's 512-d, 8 blocks
-    "micro": (96, 4, 4),
-    "tiny": (128, 4, 4),
-    "small": (256, 4, 8),
-    "base": (512, 8, 16),
-}
+# embed_dim, depth, heads; micro = MaskedSST's model (configs/config.yaml), base = the study's ViT-B
+VIT_SIZES = {"micro": (96, 8, 8), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+# decoder dim, depth, heads; base = the MAE paper's 512-d, 8 blocks
+MAE_DECODER_SIZES = {"micro": (96, 4, 4), "tiny": (128, 4, 4), "small": (256, 4, 8), "base": (512, 8, 16)}
+INIT_SCHEMES = ("trunc_normal", "xavier")
+POS_EMBEDS = ("learned", "fixed")
+BLOCK_ORDERS = ("alternating", "spatial-first")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -41,20 +36,34 @@ def unpatchify(t, p, C, h, w):
     return t.reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h * p, w * p)
 
 
+def sincos_1d(dim, positions):
+    """(len(positions), dim) sin-cos embedding of arbitrary (e.g. wavelength) positions."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2) / (dim / 2))
+    out = np.outer(np.asarray(positions, dtype=float), omega)
+    return torch.from_numpy(np.concatenate([np.sin(out), np.cos(out)], axis=1)).float()
+
+
 def sincos_pos_embed(dim, h, w):
     """Fixed 2-D sin-cos position embedding, (h*w, dim): half the channels encode y, half x."""
-    def one_axis(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2) / (d / 2))
-        out = np.outer(pos, omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
     yy, xx = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
-    emb = np.concatenate([one_axis(dim // 2, yy.ravel()), one_axis(dim // 2, xx.ravel())], axis=1)
-    return torch.from_numpy(emb).float()
+    return torch.cat([sincos_1d(dim // 2, yy.ravel()), sincos_1d(dim // 2, xx.ravel())], dim=1)
+
+
+def wavelength_pos(wavelengths, in_chans, group, dim):
+    """Fixed sin-cos positions (G, dim) at the centre wavelength of each group of `group` bands."""
+    if len(wavelengths) != in_chans:
+        raise ValueError(f"{len(wavelengths)} wavelengths for {in_chans} bands")
+    return sincos_1d(dim, np.asarray(wavelengths, dtype=float).reshape(-1, group).mean(1))
 
 
 def gather_tokens(t, ids):
     """t (B, N, D), ids (B, K) -> (B, K, D)."""
     return torch.gather(t, 1, ids[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def wanted_blocks(blocks, depth):
+    """The last `blocks` block indices (an int), or the listed ones."""
+    return set(range(depth - blocks, depth)) if isinstance(blocks, int) else set(blocks)
 
 
 def drop_path(x, p, training):
@@ -65,14 +74,9 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 
-INIT_SCHEMES = ("trunc_normal", "xavier")
-POS_EMBEDS = ("learned", "fixed")
-
-
 def init_weights(module, scheme="trunc_normal"):
-    """Linear weights: trunc_normal (std 0.02, timm/DINO) or xavier (xavier_uniform, as MAE's code: 2-4x
-    larger at ViT widths, so the blocks of a random network really transform their input); biases 0,
-    LayerNorm 1/0 in both."""
+    """Linear weights trunc_normal (std 0.02, timm/DINO) or xavier_uniform (MAE's code); biases 0, LayerNorm 1/0."""
+    check_choice("init", scheme, INIT_SCHEMES)
     if isinstance(module, nn.Linear):
         if scheme == "xavier":
             nn.init.xavier_uniform_(module.weight)
@@ -92,7 +96,7 @@ def check_choice(name, value, choices):
 
 def set_pos_embed(module, table, kind):
     """module.pos_embed = table (1, N, D): a parameter (learned) or a buffer (fixed: never trained nor
-    weight-decayed). Same state_dict key either way, so checkpoints load into both."""
+    weight-decayed); the state_dict key is the same either way."""
     check_choice("pos_embed", kind, POS_EMBEDS)
     if kind == "fixed":
         module.register_buffer("pos_embed", table)
@@ -106,8 +110,7 @@ def linear_flops(layer, n):
 
 
 def block_flops(block, n):
-    """Forward FLOPs of a transformer block on n tokens, counted from its layers: qkv, the two attention
-    matmuls (4 n^2 D), output projection, FFN. Norms and activations are not matmuls and not counted."""
+    """Forward FLOPs of a transformer block on n tokens: its linear layers and the two attention matmuls."""
     linears = [block.attn.qkv, block.attn.proj, *(m for m in block.mlp.modules() if isinstance(m, nn.Linear))]
     return sum(linear_flops(layer, n) for layer in linears) + 4 * n * n * block.attn.qkv.in_features
 
@@ -115,13 +118,12 @@ def block_flops(block, n):
 # ----------------------------------------------------------------------------- transformer blocks
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qkv_bias=True):
+    def __init__(self, dim, num_heads):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def qkv_heads(self, x):
         B, N, D = x.shape
@@ -134,7 +136,7 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
     def weights(self, x):
-        """The softmax attention matrix (B, heads, N, N), which SDPA never materialises; for pictures."""
+        """The softmax attention (B, heads, N, N), which SDPA never materialises; for pictures."""
         q, k, _ = self.qkv_heads(x)
         return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
 
@@ -149,8 +151,7 @@ class Mlp(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU FFN; hidden size 2/3 of the MLP's (rounded up to a multiple of 8) keeps the parameter
-    count comparable, as in DINOv2."""
+    """SwiGLU FFN; 2/3 of the MLP's hidden size (a multiple of 8) keeps the parameter count, as in DINOv2."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -172,10 +173,10 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, ffn="mlp", layerscale=None, drop_path=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, ffn="mlp", layerscale=None, drop_path=0.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads)
         self.mlp = {"mlp": Mlp, "swiglu": SwiGLU}[ffn](dim, int(dim * mlp_ratio))
         self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
@@ -189,14 +190,12 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- token encoders
 
 class TokenEncoder(nn.Module):
-    """A pre-norm transformer over linearly embedded input pieces with a CLS token, optional register
-    tokens and an optional mask token. Subclasses say what a piece is and where it sits (`pos`)."""
+    """A pre-norm transformer over linearly embedded pieces, with CLS, optional register and mask tokens."""
 
     def __init__(self, piece_dim, embed_dim, depth, num_heads, mlp_ratio=4.0, num_registers=0, ffn="mlp",
                  layerscale=None, drop_path_rate=0.0, mask_token=False, init="trunc_normal"):
         super().__init__()
-        check_choice("init", init, INIT_SCHEMES)
-        self.embed_dim, self.num_prefix = embed_dim, 1 + num_registers
+        self.embed_dim, self.num_prefix, self.init_scheme = embed_dim, 1 + num_registers, init
         self.patch_embed = nn.Linear(piece_dim, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -204,10 +203,8 @@ class TokenEncoder(nn.Module):
         # iBOT replaces masked pieces by a learned token; only trainers that mask this way ask for it.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
         dpr = np.linspace(0, drop_path_rate, depth)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, True, ffn, layerscale, float(d))
-                                    for d in dpr)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, ffn, layerscale, float(d)) for d in dpr)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.init_scheme = init
         self.apply(partial(init_weights, scheme=init))
         nn.init.xavier_uniform_(self.patch_embed.weight)  # as a conv patch embedding, per MAE
         nn.init.normal_(self.cls_token, std=0.02)
@@ -216,8 +213,7 @@ class TokenEncoder(nn.Module):
 
     def embed_tokens(self, pieces, pos, ids_keep=None, mask=None):
         """pieces (B, N, piece_dim), pos (1, N, D) -> tokens (B, 1 + R + K, D): CLS, registers, then the
-        pieces in ids_keep (B, K) (all N when None). Dropped pieces are never embedded; pieces where
-        mask (B, N) is True are replaced by the mask token."""
+        pieces in ids_keep (B, K) (all when None); where mask (B, N) is True, the mask token."""
         pos = pos.expand(pieces.shape[0], -1, -1)
         if ids_keep is not None:
             pieces, pos = gather_tokens(pieces, ids_keep), gather_tokens(pos, ids_keep)
@@ -230,30 +226,25 @@ class TokenEncoder(nn.Module):
             prefix.append(self.registers.expand(t.shape[0], -1, -1))
         return torch.cat(prefix + [t], dim=1)
 
-    def run_blocks(self, t):
-        for blk in self.blocks:
+    def run_blocks(self, t, blocks=(), until=None):
+        """-> the tokens after the first `until` blocks (all), and the normalised ones after `wanted_blocks`."""
+        wanted, outs = wanted_blocks(blocks, len(self.blocks)), []
+        for i, blk in enumerate(self.blocks[:until]):
             t = blk(t)
-        return self.norm(t)
+            if i in wanted:
+                outs.append(self.norm(t))
+        return t, outs
 
     def flops(self, pieces):
-        """Forward FLOPs of embedding `pieces` pieces and running the blocks on them + prefix tokens."""
-        n = self.num_prefix + pieces
-        return self.embed_flops(pieces) + sum(block_flops(b, n) for b in self.blocks)
+        """Forward FLOPs on `pieces` pieces (and the prefix tokens)."""
+        return self.embed_flops(pieces) + sum(block_flops(b, self.num_prefix + pieces) for b in self.blocks)
 
     def embed_flops(self, pieces):
         return linear_flops(self.patch_embed, pieces)
 
-    def last_attention(self, t):
-        """Tokens entering the blocks -> the last block's attention (B, heads, N, N)."""
-        for blk in self.blocks[:-1]:
-            t = blk(t)
-        return self.blocks[-1].attn.weights(self.blocks[-1].norm1(t))
-
 
 class VisionTransformer(TokenEncoder):
-    """ViT for C-band images: patch embedding of C*p*p values per patch, a CLS token, optional register
-    tokens, 2-D sin-cos position embeddings (interpolated for other input sizes), learned from there
-    (`pos_embed="learned"`) or fixed (`"fixed"`, as MAE's encoder)."""
+    """ViT for C-band images; 2-D sin-cos positions, learned from there or fixed (as MAE's encoder)."""
 
     streams = ("spatial",)
 
@@ -267,8 +258,7 @@ class VisionTransformer(TokenEncoder):
         set_pos_embed(self, sincos_pos_embed(embed_dim, *self.grid)[None], pos_embed)
 
     def grid_size(self, x):
-        H, W = x.shape[-2:]
-        p = self.patch_size
+        (H, W), p = x.shape[-2:], self.patch_size
         if H % p or W % p:
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
         return H // p, W // p
@@ -290,9 +280,8 @@ class VisionTransformer(TokenEncoder):
         return self.embed_tokens(patchify(x, self.patch_size), pos, ids_keep, mask)
 
     def encode(self, x, keep=(None,), mask=(None,)):
-        """(B, C, H, W) -> [normalised tokens (B, 1 + R + K, D)], one entry per stream; keep/mask per
-        stream as in `embed_tokens`."""
-        return [self.run_blocks(self.embed(x, keep[0], mask[0]))]
+        """(B, C, H, W) -> [normalised tokens (B, 1 + R + K, D)] per stream; keep/mask as in `embed_tokens`."""
+        return [self.norm(self.run_blocks(self.embed(x, keep[0], mask[0]))[0])]
 
     def forward_features(self, x, mask=None):
         """(B, C, H, W) -> normalised tokens (B, 1 + R + N, D); mask (B, N) as in embed_tokens."""
@@ -303,17 +292,10 @@ class VisionTransformer(TokenEncoder):
         return self.forward_features(x)[:, 0]
 
     def intermediate_layers(self, x, blocks=4):
-        """Normalised outputs of the last `blocks` blocks (or of the listed block indices), each as
-        (cls (B, D), patches (B, D, h, w)) — what the segmentation decoders consume."""
+        """[(cls (B, D), patches (B, D, h, w))] after the blocks `blocks` (as in `run_blocks`), for the decoders."""
         h, w = self.grid_size(x)
-        wanted = _wanted_blocks(blocks, len(self.blocks))
-        t, outs = self.embed(x), []
-        for i, blk in enumerate(self.blocks):
-            t = blk(t)
-            if i in wanted:
-                n = self.norm(t)
-                outs.append((n[:, 0], n[:, self.num_prefix:].transpose(1, 2).reshape(x.shape[0], -1, h, w)))
-        return outs
+        _, outs = self.run_blocks(self.embed(x), blocks)
+        return [(n[:, 0], n[:, self.num_prefix:].transpose(1, 2).reshape(x.shape[0], -1, h, w)) for n in outs]
 
     def feature_dims(self, levels):
         return [self.embed_dim] * levels
@@ -322,34 +304,15 @@ class VisionTransformer(TokenEncoder):
     def attention_maps(self, x):
         """{"spatial": last block's CLS-to-patch attention (B, heads, h, w)}."""
         h, w = self.grid_size(x)
-        attn = self.last_attention(self.embed(x))
+        t, _ = self.run_blocks(self.embed(x), until=-1)
+        attn = self.blocks[-1].attn.weights(self.blocks[-1].norm1(t))
         return {"spatial": attn[:, :, 0, self.num_prefix:].reshape(x.shape[0], -1, h, w)}
-
-
-def _wanted_blocks(blocks, depth):
-    return set(range(depth - blocks, depth)) if isinstance(blocks, int) else set(blocks)
 
 
 # ----------------------------------------------------------------------------- spatial-spectral ViT
 
-def sincos_1d(dim, positions):
-    """(len(positions), dim) sin-cos embedding of arbitrary (e.g. wavelength) positions."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2) / (dim / 2))
-    out = np.outer(np.asarray(positions, dtype=float), omega)
-    return torch.from_numpy(np.concatenate([np.sin(out), np.cos(out)], axis=1)).float()
-
-
-def group_centres(wavelengths, group):
-    """Centre wavelength of each consecutive group of `group` bands."""
-    return np.asarray(wavelengths, dtype=float).reshape(-1, group).mean(1)
-
-
 class SpectralEncoder(TokenEncoder):
-    """The spectral stream: one token per group of `group` consecutive bands. A group's whole crop is
-    average-pooled to a fixed pool x pool grid and the group*pool*pool values are projected to D by one
-    linear layer shared by all groups, so the weights do not depend on the crop size (global and local
-    crops share them). Position = the group's centre wavelength (fixed sin-cos) when wavelengths are
-    known, else a learned embedding per group."""
+    """One token per group of `group` bands, the crop pooled to pool x pool (any crop size shares weights)."""
 
     def __init__(self, in_chans, group=2, pool=8, embed_dim=768, depth=12, num_heads=12, wavelengths=None,
                  **kwargs):
@@ -358,17 +321,14 @@ class SpectralEncoder(TokenEncoder):
         super().__init__(group * pool * pool, embed_dim, depth, num_heads, **kwargs)
         self.group, self.pool, self.num_groups = group, pool, in_chans // group
         if wavelengths is not None:
-            if len(wavelengths) != in_chans:
-                raise ValueError(f"{len(wavelengths)} wavelengths for {in_chans} bands")
-            self.register_buffer("pos_embed", sincos_1d(embed_dim, group_centres(wavelengths, group))[None],
+            self.register_buffer("pos_embed", wavelength_pos(wavelengths, in_chans, group, embed_dim)[None],
                                  persistent=False)
         else:
             self.pos_embed = nn.Parameter(torch.empty(1, self.num_groups, embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def pieces(self, x, visible=None):
-        """(B, C, H, W) -> (B, G, group*pool*pool). With visible (B, 1, H, W) in {0, 1} only visible
-        pixels enter the pooled averages (a cell with none of them is 0, the band mean)."""
+        """(B, C, H, W) -> (B, G, group*pool*pool), averaging only pixels where visible (B, 1, H, W) is 1."""
         if visible is None:
             pooled = F.adaptive_avg_pool2d(x, self.pool)
         else:
@@ -378,10 +338,7 @@ class SpectralEncoder(TokenEncoder):
 
 
 class Fusion(nn.Module):
-    """Cross-stream exchange between groups of blocks. Every token of each stream is concatenated with
-    the mean of the other stream's (layer-normalised) tokens, and a linear map 2D -> D (a 1x1 projection
-    of the concatenation) gives an update added back to that token. The maps are zero-initialised, so
-    fusion starts as the identity and each stream begins as a plain ViT."""
+    """Adds to each token a linear map of it and the other stream's mean token; starts as the identity."""
 
     def __init__(self, dim):
         super().__init__()
@@ -394,26 +351,13 @@ class Fusion(nn.Module):
     def forward(self, s, p):
         """s (B, Ns, D) spatial, p (B, Np, D) spectral tokens -> both updated."""
         ns, np_ = self.norm_spatial(s), self.norm_spectral(p)
-        ms, mp = ns.mean(1, keepdim=True), np_.mean(1, keepdim=True)
-        s = s + self.to_spatial(torch.cat([ns, mp.expand_as(ns)], dim=-1))
-        p = p + self.to_spectral(torch.cat([np_, ms.expand_as(np_)], dim=-1))
-        return s, p
+        return (s + self.to_spatial(torch.cat([ns, np_.mean(1, keepdim=True).expand_as(ns)], dim=-1)),
+                p + self.to_spectral(torch.cat([np_, ns.mean(1, keepdim=True).expand_as(np_)], dim=-1)))
 
 
 class SpatialSpectralViT(nn.Module):
-    """The study's spatial-spectral ViT (its flaws fixed). Two streams of equal width and depth:
-
-    - spatial: a `VisionTransformer` over p x p patches of all bands (CLS, registers, 2-D positions);
-    - spectral: a `SpectralEncoder` over groups of `spectral_patch` bands (CLS, registers, wavelength
-      positions); 64x64x32 input, patch 8, groups of 2 -> 64 + 16 tokens + 2 CLS + 2x4 registers = 90.
-
-    After every `fuse_every` blocks (not after the last) a `Fusion` block exchanges information between
-    the streams. Hiding is exact across streams: a masked/dropped spatial patch is excluded from the
-    spectral stream's pooling, and a masked/dropped band group is zeroed (= its band mean) in the
-    spatial stream's patches, so no stream sees what the other one hides. Dense features for the
-    decoders are the spatial stream's patch tokens (informed by the spectral stream through fusion).
-    `pos_embed` is the spatial stream's (learned or fixed); the spectral stream's positions are always
-    as in `SpectralEncoder`."""
+    """The study's spatial-spectral ViT (its flaws fixed): spatial and spectral streams, fused after every
+    `fuse_every` blocks. Hiding is exact: what one stream hides, the other cannot see."""
 
     streams = ("spatial", "spectral")
 
@@ -430,8 +374,7 @@ class SpatialSpectralViT(nn.Module):
         self.in_chans, self.patch_size, self.grid = in_chans, patch_size, self.spatial.grid
         self.embed_dim, self.num_prefix, self.init_scheme = embed_dim, self.spatial.num_prefix, self.spatial.init_scheme
 
-    def grid_size(self, x):
-        return self.spatial.grid_size(x)
+    grid_size = VisionTransformer.grid_size
 
     def flops(self, patches, groups):
         """Forward FLOPs with `patches` spatial and `groups` spectral pieces kept."""
@@ -457,9 +400,8 @@ class SpatialSpectralViT(nn.Module):
         """-> (spatial tokens, spectral tokens) entering the blocks."""
         B, C, H, W = x.shape
         (h, w), p, g = self.grid_size(x), self.patch_size, self.spectral.group
-        hid_patch = self.hidden(B, h * w, keep[0], mask[0], x.device)
-        pixel_visible = (~hid_patch).reshape(B, 1, h, 1, w, 1).expand(-1, -1, -1, p, -1, p)
-        pixel_visible = pixel_visible.reshape(B, 1, H, W).to(x.dtype)
+        pixel_visible = (~self.hidden(B, h * w, keep[0], mask[0], x.device)).reshape(B, 1, h, 1, w, 1)
+        pixel_visible = pixel_visible.expand(-1, -1, -1, p, -1, p).reshape(B, 1, H, W).to(x.dtype)
         hid_group = self.hidden(B, self.spectral.num_groups, keep[1], mask[1], x.device)
         x_spatial = x * (~hid_group).repeat_interleave(g, dim=1)[:, :, None, None].to(x.dtype)  # (B, C, H, W)
         s = self.spatial.embed_tokens(patchify(x_spatial, p), self.spatial.interpolate_pos_embed(h, w),
@@ -468,50 +410,36 @@ class SpatialSpectralViT(nn.Module):
                                        keep[1], mask[1])
         return s, t
 
-    def run_blocks(self, s, t, collect=()):
-        """Both streams through their blocks with fusion in between; also the normalised spatial
-        tokens after each block index in `collect`."""
-        outs, fusions = [], iter(self.fusions)
-        for i, (bs, bt) in enumerate(zip(self.spatial.blocks, self.spectral.blocks)):
+    def run_blocks(self, tokens, blocks=(), until=None):
+        """As `TokenEncoder.run_blocks` on (spatial, spectral) tokens; the normalised outputs are spatial."""
+        (s, t), fusions = tokens, iter(self.fusions)
+        wanted, outs = wanted_blocks(blocks, len(self.spatial.blocks)), []
+        for i, (bs, bt) in enumerate(zip(self.spatial.blocks[:until], self.spectral.blocks[:until])):
             s, t = bs(s), bt(t)
             if i in self.fuse_after:
                 s, t = next(fusions)(s, t)
-            if i in collect:
+            if i in wanted:
                 outs.append(self.spatial.norm(s))
-        return self.spatial.norm(s), self.spectral.norm(t), outs
+        return (s, t), outs
 
     def encode(self, x, keep=(None, None), mask=(None, None)):
-        """(B, C, H, W) -> [spatial tokens (B, 1 + R + Ks, D), spectral tokens (B, 1 + R + Kg, D)],
-        normalised; keep/mask per stream as in `TokenEncoder.embed_tokens`."""
-        s, t, _ = self.run_blocks(*self.embed(x, keep, mask))
-        return [s, t]
+        """(B, C, H, W) -> normalised [spatial (B, 1 + R + Ks, D), spectral (B, 1 + R + Kg, D)] tokens."""
+        (s, t), _ = self.run_blocks(self.embed(x, keep, mask))
+        return [self.spatial.norm(s), self.spectral.norm(t)]
 
     def forward(self, x):
         """(B, C, H, W) -> spatial and spectral CLS features concatenated (B, 2D)."""
         s, t = self.encode(x)
         return torch.cat([s[:, 0], t[:, 0]], dim=-1)
 
-    def intermediate_layers(self, x, blocks=4):
-        h, w = self.grid_size(x)
-        _, _, outs = self.run_blocks(*self.embed(x), collect=_wanted_blocks(blocks, len(self.spatial.blocks)))
-        P = self.num_prefix
-        return [(n[:, 0], n[:, P:].transpose(1, 2).reshape(x.shape[0], -1, h, w)) for n in outs]
-
-    def feature_dims(self, levels):
-        return [self.embed_dim] * levels
+    intermediate_layers = VisionTransformer.intermediate_layers
+    feature_dims = VisionTransformer.feature_dims
 
     @torch.no_grad()
     def attention_maps(self, x):
-        """Last block of each stream: spatial CLS-to-patch (B, heads, h, w) and spectral
-        CLS-to-band-group (B, heads, G) attention."""
+        """Last blocks' CLS attention: spatial (B, heads, h, w), spectral (B, heads, G)."""
         h, w = self.grid_size(x)
-        s, t = self.embed(x)
-        depth = len(self.spatial.blocks)
-        fusions = iter(self.fusions)
-        for i in range(depth - 1):
-            s, t = self.spatial.blocks[i](s), self.spectral.blocks[i](t)
-            if i in self.fuse_after:
-                s, t = next(fusions)(s, t)
+        (s, t), _ = self.run_blocks(self.embed(x), until=-1)
         last_s, last_t, P = self.spatial.blocks[-1], self.spectral.blocks[-1], self.num_prefix
         a_s = last_s.attn.weights(last_s.norm1(s))[:, :, 0, P:].reshape(x.shape[0], -1, h, w)
         a_t = last_t.attn.weights(last_t.norm1(t))[:, :, 0, P:]
@@ -520,12 +448,8 @@ class SpatialSpectralViT(nn.Module):
 
 # ----------------------------------------------------------------------------- MaskedSST-style transformer
 
-BLOCK_ORDERS = ("alternating", "spatial-first")
-
-
 def block_axes(order, depth):
-    """The attention axis of each of `depth` factorised blocks: alternating spatial/spectral, or
-    spatial-first (the first half spatial, the rest spectral)."""
+    """The attention axis of each of `depth` factorised blocks: alternating, or the first half spatial."""
     check_choice("block_order", order, BLOCK_ORDERS)
     if order == "alternating":
         return ["spatial" if i % 2 == 0 else "spectral" for i in range(depth)]
@@ -533,45 +457,30 @@ def block_axes(order, depth):
 
 
 class FactorizedBlock(nn.Module):
-    """A transformer block over one axis of a (B, S, N, D) token cube: "spatial" attends among the N
-    patches of each spectral block, "spectral" among the S spectral blocks of each patch."""
+    """A transformer block over one axis of a (B, S, N, D) token cube: among patches or spectral blocks."""
 
     def __init__(self, axis, *args, **kwargs):
         super().__init__()
         self.axis, self.block = axis, Block(*args, **kwargs)
 
+    def sequences(self, t):
+        B, S, N, D = t.shape
+        return t.reshape(B * S, N, D) if self.axis == "spatial" else t.transpose(1, 2).reshape(B * N, S, D)
+
     def forward(self, t):
         B, S, N, D = t.shape
-        if self.axis == "spatial":
-            return self.block(t.reshape(B * S, N, D)).reshape(B, S, N, D)
-        t = t.transpose(1, 2).reshape(B * N, S, D)
-        return self.block(t).reshape(B, N, S, D).transpose(1, 2)
+        out = self.block(self.sequences(t))
+        return out.reshape(B, S, N, D) if self.axis == "spatial" else out.reshape(B, N, S, D).transpose(1, 2)
 
     def attention(self, t):
         """(B, S, N, D) -> this block's attention (B*S, heads, N, N) or (B*N, heads, S, S)."""
-        B, S, N, D = t.shape
-        t = t.reshape(B * S, N, D) if self.axis == "spatial" else t.transpose(1, 2).reshape(B * N, S, D)
-        return self.block.attn.weights(self.block.norm1(t))
+        return self.block.attn.weights(self.block.norm1(self.sequences(t)))
 
 
 class SpectralSpatialTransformer(nn.Module):
-    """MaskedSST-style factorised transformer (Scheibenreif et al., CVPRW 2023). Tokens are cubes of
-    p x p pixels x `spectral_patch` bands: (B, S, N, D) with S spectral blocks and N = h*w patches. Each
-    spectral block has its own linear embedding (blockwise patch embedding); a token's position is the
-    sum of a 2-D spatial embedding (sin-cos, learned from there or `pos_embed="fixed"`) and a spectral
-    one (fixed sin-cos of the block's centre wavelength, or learned when wavelengths are unknown). No CLS
-    token: dense features are the tokens averaged over the spectral blocks.
-
-    `block_order`: "alternating" (blocks alternate attention over space and over spectrum) or
-    "spatial-first" (the reference, HSG-AIML/MaskedSST src/vit_spatial_spectral.py `ViTSpatialSpectral`:
-    one Transformer of spatial blocks - every spectral block's N tokens attend among themselves - then
-    one Transformer of spectral blocks - every pixel's S tokens; the reference stacks `depth` of each,
-    here the first half of the `depth` blocks is spatial and the second half spectral, so both orders
-    have the same blocks and FLOPs). `embed_norm` adds the reference's `BlockwisePatchEmbedding` norms:
-    one LayerNorm over a token's raw p*p*spectral_patch values (shared by all spectral blocks) before the
-    blockwise linear embedding, and one LayerNorm over D after it, before the positions are added (and
-    before masked tokens are replaced by the mask token, as the reference's SimMIM does). The reference's
-    configs use 1 x 1 pixel x 10 band tokens on 8 x 8 windows (`models.PRESETS["maskedsst"]`)."""
+    """MaskedSST-style factorised transformer (Scheibenreif et al., CVPRW 2023; HSG-AIML/MaskedSST) over
+    p x p pixel x `spectral_patch` band tokens, without CLS. "spatial-first" is the reference's block order
+    (half the blocks each, so both orders cost the same), `embed_norm` its LayerNorms around the embedding."""
 
     streams = ("spatial",)
 
@@ -586,32 +495,27 @@ class SpectralSpatialTransformer(nn.Module):
             raise ValueError("the sst backbone has no register tokens")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        check_choice("init", init, INIT_SCHEMES)
-        self.init_scheme = init
-        self.in_chans, self.patch_size, self.spectral_patch = in_chans, patch_size, spectral_patch
-        self.num_blocks, self.embed_dim = in_chans // spectral_patch, embed_dim
+        self.init_scheme, self.in_chans, self.patch_size = init, in_chans, patch_size
+        self.spectral_patch, self.num_blocks, self.embed_dim = spectral_patch, in_chans // spectral_patch, embed_dim
         self.grid = (img_size // patch_size, img_size // patch_size)
         piece = spectral_patch * patch_size ** 2
         self.embed_weight = nn.Parameter(torch.empty(self.num_blocks, piece, embed_dim))  # one per block
         self.embed_bias = nn.Parameter(torch.zeros(self.num_blocks, embed_dim))
         bound = (6 / (piece + embed_dim)) ** 0.5
         nn.init.uniform_(self.embed_weight, -bound, bound)
-        # The reference's LayerNorms around the embedding (default eps, as there); absent by default.
-        self.embed_pre_norm = nn.LayerNorm(piece) if embed_norm else None
-        self.embed_post_norm = nn.LayerNorm(embed_dim) if embed_norm else None
+        self.embed_pre_norm = nn.LayerNorm(piece) if embed_norm else nn.Identity()
+        self.embed_post_norm = nn.LayerNorm(embed_dim) if embed_norm else nn.Identity()
         set_pos_embed(self, sincos_pos_embed(embed_dim, *self.grid)[None], pos_embed)  # (1, N, D)
         if wavelengths is not None:
-            if len(wavelengths) != in_chans:
-                raise ValueError(f"{len(wavelengths)} wavelengths for {in_chans} bands")
-            centres = group_centres(wavelengths, spectral_patch)
-            self.register_buffer("spectral_pos", sincos_1d(embed_dim, centres)[None, :, None], persistent=False)
+            pos = wavelength_pos(wavelengths, in_chans, spectral_patch, embed_dim)[None, :, None]  # (1, S, 1, D)
+            self.register_buffer("spectral_pos", pos, persistent=False)
         else:
             self.spectral_pos = nn.Parameter(torch.empty(1, self.num_blocks, 1, embed_dim))
             nn.init.trunc_normal_(self.spectral_pos, std=0.02)
         self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if mask_token else None
         dpr = np.linspace(0, drop_path_rate, depth)
-        self.blocks = nn.ModuleList(FactorizedBlock(axis, embed_dim, num_heads, mlp_ratio, True, ffn, layerscale,
-                                                    float(d)) for axis, d in zip(block_axes(block_order, depth), dpr))
+        self.blocks = nn.ModuleList(FactorizedBlock(axis, embed_dim, num_heads, mlp_ratio, ffn, layerscale, float(d))
+                                    for axis, d in zip(block_axes(block_order, depth), dpr))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.blocks.apply(partial(init_weights, scheme=init))
         if self.mask_token is not None:
@@ -619,10 +523,9 @@ class SpectralSpatialTransformer(nn.Module):
 
     grid_size = VisionTransformer.grid_size
     interpolate_pos_embed = VisionTransformer.interpolate_pos_embed
+    run_blocks = TokenEncoder.run_blocks
 
     def flops(self, patches):
-        """Forward FLOPs on `patches` spatial positions: S sequences of them per spatial block, `patches`
-        sequences of S per spectral block."""
         S = self.num_blocks
         seq = {"spatial": (S, patches), "spectral": (patches, S)}
         return self.embed_flops(patches) + sum(seq[b.axis][0] * block_flops(b.block, seq[b.axis][1])
@@ -640,59 +543,42 @@ class SpectralSpatialTransformer(nn.Module):
     def embed(self, x, mask=None):
         """(B, C, H, W) -> (B, S, N, D); mask (B, S, N) True -> the mask token."""
         h, w = self.grid_size(x)
-        pieces = self.pieces(x)
-        if self.embed_pre_norm is not None:
-            pieces = self.embed_pre_norm(pieces)
-        t = torch.einsum("bsnk,skd->bsnd", pieces, self.embed_weight) + self.embed_bias[:, None]
-        if self.embed_post_norm is not None:
-            t = self.embed_post_norm(t)
+        t = torch.einsum("bsnk,skd->bsnd", self.embed_pre_norm(self.pieces(x)), self.embed_weight)
+        t = self.embed_post_norm(t + self.embed_bias[:, None])
         if mask is not None:
             t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
         return t + self.interpolate_pos_embed(h, w)[:, None] + self.spectral_pos
 
     def forward_tokens(self, x, mask=None):
         """(B, C, H, W) -> normalised tokens (B, S, N, D)."""
-        t = self.embed(x, mask)
-        for blk in self.blocks:
-            t = blk(t)
-        return self.norm(t)
+        return self.norm(self.run_blocks(self.embed(x, mask))[0])
 
     def intermediate_layers(self, x, blocks=4):
-        """(mean token (B, D), spectral-block-averaged patch tokens (B, D, h, w)) of the last blocks."""
+        """(mean token (B, D), spectral-block-averaged patch tokens (B, D, h, w)) of the blocks `blocks`."""
         h, w = self.grid_size(x)
-        wanted = _wanted_blocks(blocks, len(self.blocks))
-        t, outs = self.embed(x), []
-        for i, blk in enumerate(self.blocks):
-            t = blk(t)
-            if i in wanted:
-                n = self.norm(t).mean(1)  # (B, N, D)
-                outs.append((n.mean(1), n.transpose(1, 2).reshape(x.shape[0], -1, h, w)))
-        return outs
+        outs = [n.mean(1) for n in self.run_blocks(self.embed(x), blocks)[1]]  # (B, N, D)
+        return [(n.mean(1), n.transpose(1, 2).reshape(x.shape[0], -1, h, w)) for n in outs]
 
-    def feature_dims(self, levels):
-        return [self.embed_dim] * levels
+    feature_dims = VisionTransformer.feature_dims
 
     @torch.no_grad()
     def attention_maps(self, x):
-        """Without a CLS token: the attention each patch (spectral block) receives in the last spatial
-        (spectral) block, averaged over queries and over the other axis: (B, heads, h, w) and (B, heads, S)."""
-        (h, w), B = self.grid_size(x), x.shape[0]
+        """The attention each patch (spectral block) receives in the last spatial (spectral) block, averaged
+        over queries and the other axis: (B, heads, h, w) and (B, heads, S)."""
+        (h, w), B, S = self.grid_size(x), x.shape[0], self.num_blocks
         t, maps = self.embed(x), {}
-        last = {ax: max(i for i, b in enumerate(self.blocks) if b.axis == ax) for ax in ("spatial", "spectral")}
+        last = {b.axis: i for i, b in enumerate(self.blocks)}  # the last block of each axis
         for i, blk in enumerate(self.blocks):
-            if i == last["spatial"]:
-                a = blk.attention(t).mean(2)  # (B*S, heads, N)
-                maps["spatial"] = a.reshape(B, self.num_blocks, -1, h, w).mean(1)
-            if i == last["spectral"]:
-                a = blk.attention(t).mean(2)  # (B*N, heads, S)
-                maps["spectral"] = a.reshape(B, h * w, -1, self.num_blocks).mean(1)
+            if i == last[blk.axis]:
+                a = blk.attention(t).mean(2)  # (B*S, heads, N) or (B*N, heads, S)
+                a = a.reshape(B, S, -1, h, w) if blk.axis == "spatial" else a.reshape(B, h * w, -1, S)
+                maps[blk.axis] = a.mean(1)
             t = blk(t)
         return maps
 
 
 class PixelBackbone(nn.Module):
-    """No parameters: the 'features' are the normalised spectrum of every pixel at full resolution, so a
-    linear decoder on top is a per-pixel linear classifier, the control any spatial model must beat."""
+    """Each pixel's normalised spectrum as its feature: a per-pixel linear classifier, the control."""
 
     def __init__(self, in_chans):
         super().__init__()
@@ -709,29 +595,18 @@ BACKBONES = {"vit": VisionTransformer, "ssvit": SpatialSpectralViT, "sst": Spect
 
 # Argument presets of pretrain_mae.py / finetune_seg.py (argparse names); flags given explicitly win.
 PRESETS = {
-    # MaskedSST's configs (HSG-AIML/MaskedSST configs/*.yaml, src/vit_spatial_spectral.py): 1 x 1 pixel x
-    # 10 band tokens on 8 x 8 windows, spatial blocks before spectral ones, LayerNorms around the blockwise
-    # embedding, and its model size (micro: 96-d, 4 + 4 blocks; at tiny a window costs 6x the FLOPs).
-    # pretrain_mae.py adds its pre-training augmentation (flips, no random resized crop) and SimMIM masks
-    # of 4 x 4 pixels.
+    # MaskedSST's configs (HSG-AIML/MaskedSST configs/*.yaml): 1 px x 10 band tokens on 8 x 8 windows.
     "maskedsst": dict(backbone="sst", size="micro", patch_size=1, spectral_patch=10, img_size=8,
                       block_order="spatial-first", embed_norm=True),
-    # Smaller patches for sharper maps (issue #15). patch4 keeps 64 px tiles: a 16 x 16 token grid, 4x the
-    # tokens of patch 8 (~4x the block FLOPs, more in attention). patch2 cuts 32 px tiles so the grid stays
-    # 16 x 16: patch4's cost at half the context. Position embeddings follow the grid (img_size / patch).
+    # Smaller patches for sharper maps (issue #15): a 16 x 16 token grid on 64 px or 32 px tiles.
     "patch4": dict(patch_size=4),
     "patch2": dict(patch_size=2, img_size=32),
 }
 
 
 def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **kwargs):
-    """The one factory every script uses: vit | ssvit | sst at size micro | tiny | small | base, pixel, the CNN
-    baseline resnet50v1c (for `--decoder deeplabv3plus`), or cdcnn (in_chans = {domain: bands}).
-    Options a backbone does not have must be None (so a script can pass e.g. `spectral_patch=None` to
-    any backbone). The returned module carries `.config`, which checkpoints store and
-    `build_backbone(**config)` rebuilds. `bands` (HSIDataset.band_info: the file's band indices the
-    model reads and their wavelengths) is only recorded in the config, so that data read later with this
-    checkpoint is read with the same bands."""
+    """vit | ssvit | sst of a VIT_SIZES size, pixel, resnet50v1c or cdcnn (in_chans = {domain: bands}). Options
+    a backbone lacks must be None. `.config` (with `bands`, so later data is read alike) rebuilds it."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     record = {"bands": kwargs.pop("bands")} if "bands" in kwargs else {}
     if name in ("pixel", "resnet50v1c"):
@@ -763,8 +638,7 @@ def build_backbone(name, size="tiny", in_chans=32, img_size=64, patch_size=8, **
 # ----------------------------------------------------------------------------- MAE
 
 class MAEDecoder(nn.Module):
-    """A light transformer that fills the dropped pieces of one stream with a mask token, adds fixed
-    positions and predicts the dropped pieces' values."""
+    """Fills one stream's dropped pieces with a mask token, adds fixed positions, predicts their values."""
 
     def __init__(self, enc_dim, num_prefix, pos, piece_dim, dim, depth, heads, init="trunc_normal"):
         super().__init__()
@@ -779,8 +653,7 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, latent, ids_restore, ids_masked):
-        """latent (B, prefix + K, D_enc) -> predictions (B, N-K, piece_dim) for the masked pieces only
-        (the prediction layer is the widest matrix here: C*p*p outputs per token)."""
+        """latent (B, prefix + K, D_enc) -> predictions (B, N-K, piece_dim), for the masked pieces only."""
         P = self.num_prefix
         t = self.decoder_embed(latent)
         B, N = ids_restore.shape
@@ -793,12 +666,8 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(nn.Module):
-    """Masked auto-encoder (He et al. 2022) around a ViT or a spatial-spectral ViT. Each stream drops a
-    random share of its pieces (75% of the patches; `spectral_mask_ratio` of the band groups); the encoder
-    sees only what is left (plus CLS and registers); one light decoder per stream reconstructs its
-    dropped pieces (all bands of a patch; a band group's pooled image); the loss is the MSE on dropped
-    pieces only, optionally against per-piece normalised targets, averaged over the streams. The decoders
-    are initialised with the encoder's scheme (`init`)."""
+    """Masked auto-encoder (He et al. 2022) around a ViT or a spatial-spectral ViT: one light decoder per
+    stream predicts its dropped pieces; the loss is the MSE on those, averaged over the streams."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
                  norm_pix_loss=True, spectral_mask_ratio=0.5):
@@ -812,14 +681,8 @@ class MAE(nn.Module):
             MAEDecoder(encoder.embed_dim, encoder.num_prefix, pos, piece.shape[-1], decoder_dim, decoder_depth,
                        decoder_heads, encoder.init_scheme) for pos, piece in zip(positions, pieces))
 
-    @property
-    def mask_ratio(self):
-        return self.ratios[0]
-
     def flops_per_image(self):
-        """Training FLOPs per image (forward + backward = 3 x forward, less the input gradient the first
-        layer never needs): the encoder on the kept pieces only, each decoder on all its pieces, the
-        prediction layer on the dropped ones."""
+        """Training FLOPs per image (3 x forward, less the input gradient the first layer never needs)."""
         h, w = self.encoder.grid
         counts = [h * w, getattr(getattr(self.encoder, "spectral", None), "num_groups", 0)][:len(self.ratios)]
         kept = [max(1, int(round(n * (1 - r)))) for n, r in zip(counts, self.ratios)]
@@ -831,9 +694,8 @@ class MAE(nn.Module):
         return 3 * total - self.encoder.embed_flops(*kept)
 
     def random_masking(self, B, N, device, ratio=None):
-        """Per-sample random permutation: ids_keep (B, K) visible and ids_masked (B, N-K) masked pieces,
-        ids_restore (B, N) undoing the shuffle."""
-        keep = max(1, int(round(N * (1 - (self.mask_ratio if ratio is None else ratio)))))
+        """-> ids_keep (B, K), ids_masked (B, N-K), ids_restore (B, N) of a per-sample random shuffle."""
+        keep = max(1, int(round(N * (1 - (self.ratios[0] if ratio is None else ratio)))))
         ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)
         return ids_shuffle[:, :keep], ids_shuffle[:, keep:], ids_shuffle.argsort(dim=1)
 
@@ -844,10 +706,8 @@ class MAE(nn.Module):
         return (pieces - mean) * (var + 1e-6).rsqrt()
 
     def forward(self, x):
-        """x (B, C, H, W) -> loss, per stream: predictions (B, M, piece_dim) of the M dropped pieces and
-        ids_masked (B, M)."""
-        grid = self.encoder.grid_size(x)
-        if grid != self.encoder.grid:
+        """x (B, C, H, W) -> loss, per stream predictions (B, M, piece_dim) and ids_masked (B, M)."""
+        if self.encoder.grid_size(x) != self.encoder.grid:
             raise ValueError(f"MAE is trained at {self.encoder.grid} patches, got input {tuple(x.shape[-2:])}")
         targets = self.encoder.pieces(x)  # per stream (B, N, piece_dim)
         ids = [self.random_masking(x.shape[0], t.shape[1], x.device, r) for t, r in zip(targets, self.ratios)]
@@ -861,9 +721,7 @@ class MAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x, preds, ids_masked):
-        """Images from the spatial stream's predictions (forward's outputs): visible patches copied from
-        x, masked ones predicted (de-normalised with the true patch statistics when the targets were
-        normalised), and the (B, N) patch mask."""
+        """Images with the masked patches predicted (in the true patch statistics), and the (B, N) patch mask."""
         p, pred, ids_masked = self.encoder.patch_size, preds[0].float(), ids_masked[0]
         patches = patchify(x.float(), p)
         if self.norm_pix_loss:
@@ -875,15 +733,8 @@ class MAE(nn.Module):
 
 
 class SimMIM(nn.Module):
-    """SimMIM-style masked image modelling for the factorised `SpectralSpatialTransformer`: masked tokens
-    are replaced by a mask token inside the encoder (factorised attention needs the full token cube), a
-    linear head per spectral block predicts each token's pixels, and the loss is the L1 error on masked
-    tokens only. Tube masking: a sample's masked patches are masked in every spectral block. Every
-    sample masks exactly round(ratio * N) patches and the loss reads the boolean mask itself, so unlike
-    the reference implementation no visible token can enter the loss. `mask_block` k > 1 masks squares
-    of k x k patches (exactly round(ratio * squares) of them), as the reference's mask generator
-    (`mim_mask_patch_size: 4` with 1-pixel patches): single masked pixels are easy to fill in from
-    their visible neighbours."""
+    """SimMIM for the factorised `SpectralSpatialTransformer`: a linear head per spectral block, L1 on the
+    masked tokens only; tube masks of `mask_block`^2 patch squares (MaskedSST's `mim_mask_patch_size`)."""
 
     def __init__(self, encoder, mask_ratio=0.7, mask_block=1):
         super().__init__()
@@ -898,25 +749,20 @@ class SimMIM(nn.Module):
         nn.init.trunc_normal_(self.pred_weight, std=0.02)
 
     def flops_per_image(self):
-        """Training FLOPs per image: the encoder on every token, the per-block pixel heads on all tokens."""
         h, w = self.encoder.grid
         S, D, piece = self.pred_weight.shape
         return 3 * (self.encoder.flops(h * w) + 2 * S * h * w * D * piece) - self.encoder.embed_flops(h * w)
 
     def tube_mask(self, B, N, device):
-        """(B, N) boolean, exactly round(ratio * N) True per row, chosen uniformly (in squares of
-        mask_block x mask_block patches: round(ratio * squares) squares)."""
+        """(B, N) boolean with exactly round(ratio * squares) squares of mask_block^2 patches True per row."""
         b = self.mask_block
         h, w = (self.encoder.grid if b > 1 else (1, N))
         if h * w != N:
             raise ValueError(f"mask blocks are drawn on the training grid {h}x{w}, got {N} patches")
         n = (h // b) * (w // b)
         ranks = torch.rand(B, n, device=device).argsort(dim=1).argsort(dim=1)
-        mask = ranks < int(round(self.mask_ratio * n))
-        if b == 1:
-            return mask
-        mask = mask.reshape(B, h // b, 1, w // b, 1).expand(-1, -1, b, -1, b)
-        return mask.reshape(B, N)
+        mask = (ranks < int(round(self.mask_ratio * n))).reshape(B, h // b, 1, w // b, 1)
+        return mask.expand(-1, -1, b, -1, b).reshape(B, N)
 
     def forward(self, x, mask=None):
         """x (B, C, H, W) -> loss, predictions (B, S, N, piece), mask (B, N)."""
@@ -929,7 +775,7 @@ class SimMIM(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x, pred, mask):
-        """Images with the masked patches predicted (all spectral blocks), and the (B, N) patch mask."""
+        """Images with the masked patches predicted, and the (B, N) patch mask."""
         B, C, H, W = x.shape
         S, p = self.encoder.num_blocks, self.encoder.patch_size
         pieces = torch.where(mask[:, None, :, None], pred.float(), self.encoder.pieces(x.float()))
@@ -947,8 +793,7 @@ def masked_l1(pred, target, mask):
 # ----------------------------------------------------------------------------- DINO
 
 class DINOHead(nn.Module):
-    """DINO projection head: 3-layer MLP to a bottleneck, L2 normalisation, then a weight-normalised
-    prototype layer (unit-norm prototypes, i.e. weight norm with the gain fixed to 1) giving logits."""
+    """DINO projection head: 3-layer MLP to a bottleneck, L2 normalisation, unit-norm prototypes."""
 
     def __init__(self, in_dim, num_prototypes, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
@@ -959,9 +804,7 @@ class DINOHead(nn.Module):
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, x):
-        """(..., in_dim) -> (..., num_prototypes) logits, always fp32: the MLP runs under autocast, the
-        normalisation and the prototype layer (65536-way at base, cosines whose differences matter at
-        temperature 0.04-0.1) do not."""
+        """(..., in_dim) -> (..., num_prototypes) logits in fp32: cosine differences matter at temperature 0.04."""
         x = self.mlp(x)
         with torch.autocast(x.device.type, enabled=False):
             x = F.normalize(x.float(), dim=-1)
@@ -971,8 +814,7 @@ class DINOHead(nn.Module):
 # ----------------------------------------------------------------------------- segmentation
 
 class MultiscaleLinearDecoder(nn.Module):
-    """DINOv2's linear '+ms' head: patch features of several blocks resized to the finest grid,
-    concatenated, BatchNorm, a 1x1 conv to class logits, bilinear upsampling to pixels."""
+    """DINOv2's linear '+ms' head: several blocks' patch features at the finest grid, BatchNorm, 1x1 conv."""
 
     def __init__(self, in_dims, num_classes, stride=8):
         super().__init__()
@@ -983,18 +825,14 @@ class MultiscaleLinearDecoder(nn.Module):
 
     def forward(self, features, out_size):
         """features: [(cls (B, D), patches (B, D, h, w)), ...] -> logits (B, K, H, W)."""
-        maps = [f for _, f in features]
-        size = max(m.shape[-2:] for m in maps)
-        maps = [m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear", align_corners=False)
-                for m in maps]
+        size = max(f.shape[-2:] for _, f in features)
+        maps = [resize(f, size) for _, f in features]
         return resize(self.classifier(self.bn(torch.cat(maps, dim=1))), out_size)
 
 
 class ConvDecoder(nn.Module):
-    """UNet-like decoder (as in UNETR): the deepest of four encoder-block outputs is upsampled in stages,
-    each a 2x transposed conv followed by two 3x3 conv-BN-ReLU on the concatenation with the next
-    shallower block's output (itself brought to that resolution by transposed convs), down to the input
-    resolution; a 1x1 conv gives the class logits."""
+    """UNet-like decoder (as in UNETR): the deepest block's output upsampled 2x per stage, each fused with a
+    shallower block's output brought to that resolution by transposed convs, down to the pixels."""
 
     def __init__(self, in_dims, num_classes, stride=8, width=256):
         super().__init__()
@@ -1021,10 +859,8 @@ class ConvDecoder(nn.Module):
 
 
 class SegmenterDecoder(nn.Module):
-    """Segmenter's mask transformer (Strudel et al. 2021) on the last block's patch tokens: projected
-    patch tokens and one learned embedding per class go through transformer blocks together; patch and
-    class outputs are projected and L2-normalised, their dot products are the class masks (a per-patch
-    LayerNorm over classes, 'mask norm'), upsampled bilinearly."""
+    """Segmenter's mask transformer (Strudel et al. 2021) on the last block's patch tokens and one learned
+    token per class; class masks are the patch-class cosines, LayerNormed over classes."""
 
     def __init__(self, in_dims, num_classes, stride=8, depth=2, head_dim=64):
         super().__init__()
@@ -1053,8 +889,8 @@ class SegmenterDecoder(nn.Module):
         return resize(masks.transpose(1, 2).reshape(B, self.num_classes, h, w), out_size)
 
 
-def conv_bn_relu(cin, cout, k, dilation=1, stride=1, groups=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation, groups, bias=False),
+def conv_bn_relu(cin, cout, k, dilation=1, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
@@ -1066,11 +902,8 @@ def resize(x, size):
 
 
 class FullResolution(nn.Module):
-    """The full-resolution path of a segmentation head. Every decoder starts from tokens at the patch
-    stride, so it loses thin structures; this path is a per-pixel linear classifier on the pixel's own
-    normalised spectrum whose logits are added to the decoder's (contextual) ones. With the backbone's
-    features zeroed the head is a per-pixel linear classifier, so trained it can learn at least what the
-    per-pixel baseline learns."""
+    """Per-pixel linear classifier on the pixel's own spectrum, added to the decoder's upsampled logits:
+    decoders at the patch stride lose thin structures."""
 
     def __init__(self, in_chans, num_classes):
         super().__init__()
@@ -1095,9 +928,8 @@ class Bottleneck(nn.Module):
         self.conv2 = conv_bn_relu(width, width, 3, dilation, stride)  # V1b/c: the stride sits in the 3x3
         self.conv3 = nn.Sequential(nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
         nn.init.zeros_(self.conv3[1].weight)  # each residual block starts as the identity
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else None)
 
     def forward(self, x):
         identity = x if self.down is None else self.down(x)
@@ -1105,10 +937,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNetV1c(nn.Module):
-    """ResNet-50-V1c for C input bands: a deep stem of three 3x3 convs (C -> 32 -> 32 -> 64, the first
-    with stride 2) and max pooling, then 3/4/6/3 bottleneck blocks. Output stride 8: stages 3 and 4 keep
-    the resolution and dilate by 2 and 4 instead. Features: stage 1 (low level, stride 4), stage 3 (for
-    the auxiliary head) and stage 4, as (None, (B, C_i, h_i, w_i))."""
+    """ResNet-50-V1c for C bands (deep 3x3 stem) at output stride 8: stages 3 and 4 dilate instead of
+    striding. Features: stages 1 (stride 4), 3 (the auxiliary head's) and 4."""
 
     streams = ()
     feature_stride = 8
@@ -1118,22 +948,19 @@ class ResNetV1c(nn.Module):
         self.in_chans = in_chans
         self.stem = nn.Sequential(conv_bn_relu(in_chans, 32, 3, stride=2), conv_bn_relu(32, 32, 3),
                                   conv_bn_relu(32, 64, 3), nn.MaxPool2d(3, 2, 1))
-        cin, stages = 64, []
+        cin, self.stages = 64, nn.ModuleList()
         for i, (n, width) in enumerate(zip(depths, (64, 128, 256, 512))):
             stride, dilation = (1, 1) if i == 0 else (2, 1) if i == 1 else (1, 2 ** (i - 1))
-            blocks = []
-            for j in range(n):
-                blocks.append(Bottleneck(cin, width, stride if j == 0 else 1, dilation))
-                cin = width * Bottleneck.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
+            cout = width * Bottleneck.expansion
+            self.stages.append(nn.Sequential(*(Bottleneck(cin if j == 0 else cout, width, stride if j == 0 else 1,
+                                                          dilation) for j in range(n))))
+            cin = cout
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def intermediate_layers(self, x, blocks=None):
-        x = self.stem(x)
-        outs = []
+        x, outs = self.stem(x), []
         for stage in self.stages:
             x = stage(x)
             outs.append(x)
@@ -1144,18 +971,16 @@ class ResNetV1c(nn.Module):
 
 
 class DeepLabV3PlusDecoder(nn.Module):
-    """DeepLabV3+ head on ResNet features (stage 1, stage 3, stage 4): ASPP on stage 4 (1x1, three
-    dilated 3x3 at rates 12/24/36 for output stride 8, image pooling) -> 1x1 projection; bilinear
-    upsampling to stride 4, concatenation with the 48-channel projection of the low-level features, two
-    3x3 convs, 1x1 classifier, bilinear upsampling. An FCN auxiliary head on stage 3 gives extra logits
-    during training (loss weight 0.4, in finetune_seg.py)."""
+    """DeepLabV3+ (mmseg's recipe) on ResNet stages 1, 3, 4: ASPP on stage 4 fused at stride 4 with stage 1;
+    an FCN auxiliary head on stage 3 gives extra logits in training."""
 
     def __init__(self, in_dims, num_classes, stride=8, channels=512, rates=(12, 24, 36)):
         super().__init__()
         if len(in_dims) != 3:
             raise ValueError("deeplabv3plus needs the ResNet backbone: --backbone resnet50v1c")
         low, mid, high = in_dims
-        self.aspp = nn.ModuleList([conv_bn_relu(high, channels, 1)] + [conv_bn_relu(high, channels, 3, r) for r in rates])
+        self.aspp = nn.ModuleList([conv_bn_relu(high, channels, 1)] +
+                                  [conv_bn_relu(high, channels, 3, r) for r in rates])
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(high, channels, 1))
         self.aspp_proj = conv_bn_relu(channels * (len(rates) + 2), channels, 1)
         self.low_proj = conv_bn_relu(low, 48, 1)
@@ -1164,7 +989,7 @@ class DeepLabV3PlusDecoder(nn.Module):
         self.aux = nn.Sequential(conv_bn_relu(mid, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
 
     def forward(self, features, out_size):
-        """-> logits (B, K, H, W); in training also the auxiliary logits: (logits, aux_logits)."""
+        """-> logits (B, K, H, W); in training (logits, aux_logits)."""
         (_, low), (_, mid), (_, high) = features
         pooled = self.image_pool(high).expand(-1, -1, *high.shape[-2:])
         x = self.aspp_proj(torch.cat([branch(high) for branch in self.aspp] + [pooled], dim=1))
@@ -1179,26 +1004,18 @@ DECODERS = {"linear": MultiscaleLinearDecoder, "conv": ConvDecoder, "segmenter":
             "deeplabv3plus": DeepLabV3PlusDecoder}
 
 
-def decoder_blocks(decoder, depth):
-    """Which encoder blocks a decoder reads: the last four (linear), four evenly spaced ones as skip
-    connections (conv), the last one (segmenter)."""
-    if decoder == "conv":
-        return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
-    return 1 if decoder == "segmenter" else 4
-
-
 class SegmentationModel(nn.Module):
-    """A backbone, the outputs of the encoder blocks its decoder reads, and the decoder. With
-    `frozen_backbone` the backbone runs without gradients in eval mode (a linear probe). `full_res` adds
-    the full-resolution path (`FullResolution`) to backbones whose features are coarser than the pixels; without it the
-    heads are the study's. `head` records these options for checkpoints."""
+    """A backbone and a decoder on the blocks it reads. `frozen_backbone`: no gradients, eval mode (a linear
+    probe); `full_res` adds `FullResolution` where features are coarser than the pixels."""
 
     def __init__(self, backbone, decoder, num_classes, frozen_backbone=True, full_res=False):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; available: {', '.join(DECODERS)}")
         self.backbone, self.frozen_backbone = backbone, frozen_backbone
-        self.blocks = decoder_blocks(decoder, backbone_depth(backbone))
+        depth = backbone_depth(backbone)  # conv: four evenly spaced blocks as skips; segmenter: the last
+        self.blocks = ([depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1] if decoder == "conv"
+                       else 1 if decoder == "segmenter" else 4)
         dims = backbone.feature_dims(self.blocks if isinstance(self.blocks, int) else len(self.blocks))
         stride = getattr(backbone, "feature_stride", getattr(backbone, "patch_size", 1))
         self.decoder = DECODERS[decoder](dims, num_classes, stride)
@@ -1237,8 +1054,8 @@ def backbone_depth(backbone):
 
 
 def layer_ids(backbone):
-    """{parameter name: layer} for layer-wise lr decay: 0 = embeddings and tokens, i + 1 = block i (a
-    fusion block counts with the block it follows), depth + 1 = the final norm; and depth + 1."""
+    """{parameter name: layer} for layer-wise lr decay (0 embeddings, i + 1 block i and the fusion after
+    it, depth + 1 the final norm), and depth + 1."""
     depth, fuse_after = backbone_depth(backbone), getattr(backbone, "fuse_after", [])
     ids = {}
     for name, _ in backbone.named_parameters():
@@ -1257,8 +1074,6 @@ def layer_ids(backbone):
 # ----------------------------------------------------------------------------- cross-domain CNN
 
 class ResidualModule(nn.Module):
-    """Two 1x1 convolutions with a ReLU between them, added to the input, then a ReLU."""
-
     def __init__(self, dim):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
@@ -1268,11 +1083,8 @@ class ResidualModule(nn.Module):
 
 
 class CrossDomainCNN(nn.Module):
-    """Lee & Kwon's cross-domain CNN for scenes from different sensors. Each domain (scene or sensor) has
-    its own first layer, a 5x5 conv from its band count to `width` channels (padding 2, so features stay
-    at full resolution); all domains share the trunk: `depth` two-layer residual modules of 1x1 convs and
-    a final 1x1 conv. A pixel's feature (width-d) depends on its 5x5 neighbourhood only.
-    `domains`: {name: band count}, in a fixed order."""
+    """Lee & Kwon's cross-domain CNN: a 5x5 first conv per domain ({name: band count}), then a shared trunk
+    of `depth` residual modules of 1x1 convs and a 1x1 conv; features at full resolution."""
 
     def __init__(self, domains, width=128, depth=5):
         super().__init__()
@@ -1292,9 +1104,8 @@ class CrossDomainCNN(nn.Module):
         return F.relu(conv(x))
 
     def forward(self, x, domains=None):
-        """x (B, C, H, W) of one domain (the only one when `domains` is None) -> (B, width, H, W). Or
-        lists: x[i] (B_i, C_i, H, W) of domain domains[i], each through its own first layer, then
-        together through the shared trunk -> (sum of B_i, width, H, W)."""
+        """x (B, C, H, W) of one domain (the only one when None) -> (B, width, H, W); or lists x[i] of
+        domains[i], through the trunk together -> (sum of B_i, width, H, W)."""
         if torch.is_tensor(x):
             if domains is None and len(self.first) != 1:
                 raise ValueError(f"this cross-domain CNN has domains {', '.join(self.first)}: say which one")

@@ -87,7 +87,7 @@ def test_one_model_three_sensors_resumes_exactly(tmp_path, cache_dir, monkeypatc
     """Three sensors in one run, mixed within every batch: bit-for-bit resume, and the checkpoint
     records each sensor's wavelengths."""
     scenes = three_sensors(tmp_path)
-    flags = ["--any-sensor", "--scene-sampling", "uniform", *backbone]
+    flags = ["--any-sensor", *backbone]
     pretrain_mae.main(args_for(scenes, tmp_path / "full", cache_dir, 6, *flags))
     def interrupt(result):
         raise Interrupt()
@@ -130,25 +130,23 @@ def test_transfer_to_an_unseen_sensor(tmp_path, cache_dir, capsys):
     assert ckpt["backbone"]["in_chans"] == pre_ckpt["backbone"]["in_chans"] == 216
 
 
-def test_scene_sampling_policies(tmp_path, cache_dir):
+def test_tiles_are_drawn_in_proportion_to_each_scenes_pixels(tmp_path, cache_dir):
     big = data.load_dataset(sensor_scene(tmp_path, "a", size=60), cache_dir=cache_dir, bands=data.ANY_SENSOR)
     small = data.load_dataset(sensor_scene(tmp_path, "b", size=20), cache_dir=cache_dir, bands=data.ANY_SENSOR)
-    for sampling, share in (("pixels", 400 / 4000), ("uniform", 0.5)):
-        tiles = data.RandomTiles([big, small], 16, 0, labels=False, sampling=sampling)
-        drawn = np.mean([tiles[i][1] for i in range(400)])
-        assert drawn == pytest.approx(share, abs=0.06), sampling
+    tiles = data.RandomTiles([big, small], 16, 0, labels=False)
+    assert np.mean([tiles[i][1] for i in range(400)]) == pytest.approx(400 / 4000, abs=0.06)
 
 
 def test_two_processes_gloo_with_different_sensors_on_the_ranks(tmp_path, cache_dir):
     scenes = three_sensors(tmp_path)
     datasets = data.load_datasets(scenes, cache_dir=cache_dir, bands=data.ANY_SENSOR)
-    tiles = data.RandomTiles(datasets, 32, 0, labels=False, sampling="uniform")
+    tiles = data.RandomTiles(datasets, 32, 0, labels=False)  # three scenes of one size: each a third of the tiles
     B, world = 2, 2  # the items rank r reads at step s: [(s * world + r) * B, ... + B)
     per_rank = [[{tiles[(s * world + r) * B + j][1] for j in range(B)} for r in range(world)] for s in range(4)]
     assert any(ranks[0] != ranks[1] for ranks in per_rank), per_rank  # the ranks hold different sensors
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "pretrain_mae.py"), *args_for(scenes, tmp_path / "ddp", cache_dir, 4, "--any-sensor",
-                                                            "--scene-sampling", "uniform", "--batch-size", str(B))]
+                                                            "--batch-size", str(B))]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses(tmp_path / "ddp")) == 4

@@ -63,8 +63,8 @@ def test_no_spectral_jitter_where_the_scene_has_no_value_scale(tmp_path, cache_d
         raw, info = (torch.stack(t) for t in zip(*(data.RandomTiles([ds], 16, 0, labels=False, raw=True)[i]
                                                     for i in range(4))))
         normalize = data.DeviceNormalize([ds], CPU)
-        a, b = (m.batch(normalize.physical(raw, info), info[:, 0], data.StepRandom(0, 0, 0, 1, 4, CPU), normalize)
-                for m in (on, off))
+        rnd = lambda: data.StepRandom(0, 0, 0, 1, 4, CPU)  # noqa: E731 - the same draws for both
+        a, b = (data.augment_on_device(m, normalize.physical(raw, info), info[:, 0], rnd(), normalize) for m in (on, off))
         assert all(torch.equal(u, v) for u, v in zip(a, b)) == same
     pretrain_dino.multi_crop(pretrain_dino.parse_args([]), [counts, refl])
     assert "notice: no spectral jitter on counts:" in capsys.readouterr().out

@@ -163,7 +163,7 @@ def test_scene_label_out_of_range(tmp_path, cache_dir):
 
 def test_random_tiles_are_a_function_of_the_index(scene, cache_dir):
     ds = data.load_dataset(scene, cache_dir=cache_dir)
-    tiles = data.RandomTiles([ds], 16, seed=3, augment=data.Augment(True, (0.3, 1.0), 0.1, 0.1, 0.02))
+    tiles = data.RandomTiles([ds], 16, seed=3, augment=data.Augment(True, (0.3, 1.0)))
     a, b = tiles[5], tiles[5]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert a[0].shape == (16, 16, 16) and a[1].shape == (16, 16) and a[0].dtype == torch.float32

@@ -82,7 +82,8 @@ def test_crop_area_statistics_match_the_per_tile_path():
     for scale in ((0.2, 1.0), (0.05, 0.32)):
         cpu = torch.stack([torch.from_numpy(data.random_resized_crop(img, lab, rng, 64, scale)[0]) for _ in range(n)])
         rnd = data.StepRandom(0, 0, 0, 1, n, CPU)
-        dev = data.Augment(crop_scale=scale).batch(coordinates(n), torch.zeros(n, dtype=torch.long), rnd, identity)
+        dev = data.augment_on_device(data.Augment(crop_scale=scale), coordinates(n), torch.zeros(n, dtype=torch.long),
+                                     rnd, identity)
         sides = [(v.amax((2, 3)) - v.amin((2, 3)) + 1) / 64 for v in (cpu, dev)]  # (n, 2): h, w shares
         areas = [s.prod(1).numpy() for s in sides]
         ratios = [(s[:, 1] / s[:, 0]).numpy() for s in sides]
@@ -122,11 +123,12 @@ def test_multicrop_on_the_device_matches_the_per_tile_statistics(tmp_path, cache
     crops, n = data.MultiCrop(32, 16, 3, global_solarize_p=(0.0, 0.2)), 256
     per_tile = data.RandomTiles([ds], 32, 0, crops, labels=False)
     views = [torch.stack(v) for v in zip(*(per_tile[i][0] for i in range(n)))]
-    cpu = crops.collated(views)
+    cpu = data.view_major(views)
     raw_tiles = data.RandomTiles([ds], 32, 0, labels=False, raw=True)
     raw, info = (torch.stack(t) for t in zip(*(raw_tiles[i] for i in range(n))))
     normalize = data.DeviceNormalize([ds], CPU)
-    dev = crops.batch(normalize.physical(raw, info), info[:, 0], data.StepRandom(0, 0, 0, 1, n, CPU), normalize)
+    dev = data.augment_on_device(crops, normalize.physical(raw, info), info[:, 0], data.StepRandom(0, 0, 0, 1, n, CPU),
+                                 normalize)
     for a, b in zip(cpu, dev):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(b.mean((0, 2, 3)), a.mean((0, 2, 3)), atol=0.1)
@@ -143,7 +145,7 @@ def test_one_process_and_two_draw_the_same_augmentations_and_masks(tmp_path, cac
     """A sample's augmentation and masks depend on (seed, step, place in the global batch), not on the
     process count: rank r of 2 with batch 4 gets global samples 4r..4r+3 of the 1-process batch of 8."""
     ds = data.load_dataset(write_scene(tmp_path / "s", bands=6, size=40, value_scale=1e-4), cache_dir=cache_dir)
-    for augment in (data.Augment(True, (0.2, 1.0), 0.1, 0.1, 0.02), data.MultiCrop(16, 8, 2)):
+    for augment in (data.Augment(True, (0.2, 1.0)), data.MultiCrop(16, 8, 2)):
         def batch(rank, world, B):
             return next(data.augmented_batches([ds], 16, augment, 5, B, 3, rank, world, 0, CPU, on_device=True))
         one, two = batch(0, 1, 8), [batch(r, 2, 4) for r in range(2)]
