@@ -75,7 +75,7 @@ def dino_case(args, backbone, B, device):
     targs = pretrain_dino.parse_args(["--backbone", backbone, "--size", args.size, "--patch-size", str(args.patch), "--prototypes",
                                       "65536" if args.size == "base" else "1024", "--local-crops", "8"])
     student, teacher = (m.to(device) for m in pretrain_dino.build(targs, args.bands, wavelengths(args)))
-    criterion = pretrain_dino.DINOLoss(targs, targs.prototypes, student.backbone.streams).to(device)
+    criterion = pretrain_dino.DINOLoss(student.backbone.streams).to(device)
     g = torch.randn(2 * B, args.bands, 64, 64, device=device)
     loc = torch.randn(8 * B, args.bands, 32, 32, device=device)
     masks = pretrain_dino.token_masks(targs, 0, 0, 1, B, student.backbone, device)

@@ -1,5 +1,4 @@
-"""What every training script needs: distributed init/teardown, seeding, precision, schedules,
-checkpoints with exact resume, and logging. Nothing model- or data-specific lives here."""
+"""What every trainer needs: launch, seeding, precision, schedules, checkpoints with exact resume, logging."""
 import json
 import math
 import os
@@ -18,16 +17,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
-# ----------------------------------------------------------------------------- distributed
-
 def init_distributed(device_arg="auto"):
-    """Works with and without torchrun. Returns (rank, world_size, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", 0)), world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its convolution kernels once (CNNs, blur)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -35,55 +30,39 @@ def init_distributed(device_arg="auto"):
 
 
 def pick_device(device_arg, local_rank, world):
-    """--device: auto (a GPU when there is one), cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N
-    (one process only; under torchrun pick the GPUs with CUDA_VISIBLE_DEVICES)."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_arg)
-    if device.type != "cuda":
-        return device
-    if device.index is None:
+    if device.type == "cuda" and device.index is None:
         return torch.device("cuda", local_rank)
-    if world > 1:
+    if device.type == "cuda" and world > 1:
         raise ValueError(f"--device {device_arg}: under torchrun process i uses cuda:LOCAL_RANK; choose the GPUs "
                          "with CUDA_VISIBLE_DEVICES instead")
     return device
 
 
-def wrap_ddp(model, world, **kwargs):
-    """DistributedDataParallel with more than one process (gradients reduced straight from the buckets,
-    no second copy), the model itself otherwise."""
-    if world == 1:
-        return model
-    return DistributedDataParallel(model, gradient_as_bucket_view=True, **kwargs)
+def wrap_ddp(model, world):
+    return model if world == 1 else DistributedDataParallel(model, gradient_as_bucket_view=True)
 
 
-def add_run_args(parser, out):
-    """The options every training script shares: where the run lives, precision, device, loader, seed,
-    logging and checkpoint intervals. Decoded rasters are cached in $HSI_SSL_CACHE (~/.cache/hsi-ssl)."""
-    p = parser
+def add_run_args(p, out):
+    """The options every trainer shares. Decoded rasters are cached in $HSI_SSL_CACHE (~/.cache/hsi-ssl)."""
     p.add_argument("--out", default=out, help="run directory: ckpt.pt, TensorBoard (tb/), metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where fast")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 4 on GPU, 0 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps on GPU after a "
-                   "compile warm-up of a minute or two")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: GPU 4, CPU 0)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; a minute or two of warm-up)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10, help="log, and check the checkpoint clock and stop "
-                   "signals, every N steps (the only host syncs of the loop)")
-    p.add_argument("--ckpt-minutes", type=float, default=10.0, help="write the checkpoint every N minutes, at the "
-                   "end, and on SIGTERM/SIGUSR1 (then stop: what cluster schedulers send before killing a job)")
-    p.add_argument("--ckpt-every", type=int, default=0, help="also write it every N steps (0: off)")
-    p.add_argument("--sync-debug", action="store_true", help="CUDA: raise on any host-device synchronisation inside "
-                   "a training step (torch.cuda.set_sync_debug_mode), to find what stalls the GPU")
+    p.add_argument("--log-every", type=int, default=10, help="log and check the checkpoint clock every N steps")
+    p.add_argument("--ckpt-minutes", type=float, default=10.0, help="every N minutes, at the end, on SIGTERM/SIGUSR1")
+    p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: off)")
+    p.add_argument("--sync-debug", action="store_true", help="CUDA: raise on any host-device sync inside a step")
     add_debug_arg(p)
 
 
 def parse_with_preset(parser, argv, presets):
-    """Parse argv; with --preset NAME, presets[NAME] (argparse names -> values) become the defaults
-    and argv is parsed again, so flags given explicitly still win."""
+    """With --preset NAME, presets[NAME] become the defaults and argv is parsed again: explicit flags win."""
     parser.add_argument("--preset", default=None, choices=sorted(presets), help="a named set of defaults: "
                         + "; ".join(f"{k}: {' '.join(f'{a}={v}' for a, v in d.items())}" for k, d in presets.items()))
     args = parser.parse_args(argv)
@@ -94,51 +73,45 @@ def parse_with_preset(parser, argv, presets):
 
 
 def add_debug_arg(parser):
-    parser.add_argument("--debug", action="store_true", help="on an error in the input, show the Python traceback "
-                        "instead of the one-line message (also: HSI_SSL_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors (HSI_SSL_DEBUG=1)")
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file or folder and the problem (no traceback needed)."""
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
-
-
 def run_cli(main):
-    """Every script's entry point: main() runs; a mistake in the input (bad data, a missing file, a
-    checkpoint that does not fit, a diverged run) prints `error: <message>` on one line to stderr and exits
-    with status 2, without a traceback. `--debug` or HSI_SSL_DEBUG=1 lets the exception through."""
+    """Every script's entry point: an input mistake prints `error: <message>` on one line, exit status 2."""
     try:
         main()
-    except USER_ERRORS as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         if "--debug" in sys.argv[1:] or os.environ.get("HSI_SSL_DEBUG", "0") not in ("", "0"):
             raise
         hint = " (--debug for the traceback)" if isinstance(e, ValueError) and not isinstance(e, DataError) else ""
         print(f"error: {e}{hint}", file=sys.stderr, flush=True)
-        cleanup_distributed()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         sys.exit(2)
 
 
 def launch(train, args):
-    """Run train(args, rank, world, device) single-process or under torchrun; always tear down. A run that
-    a stop signal ended early (see Checkpoints) exits with status 128 + the signal's number, as if killed
-    by it, so that `train && finetune` chains stop there; its checkpoint is written."""
+    """Run train(args, rank, world, device); stopped by a signal, exit 128 + it so `train && finetune` stops."""
     rank, world, device = init_distributed(args.device)
     STOP.update(signal=None, stopped=False)
+    in_main = threading.current_thread() is threading.main_thread()  # SLURM & co's signals ask to save and stop
+    previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)} if in_main else {}
     try:
-        with stop_signals():
-            result = train(args, rank, world, device)
+        result = train(args, rank, world, device)
     finally:
-        cleanup_distributed()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if STOP["stopped"]:
         raise SystemExit(128 + STOP["signal"])
     return result
 
 
-# ----------------------------------------------------------------------------- stopping and checkpoint timing
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM & co send before killing a job (SIGUSR1: --signal)
 STOP = {"signal": None, "stopped": False}
 
 
@@ -146,32 +119,14 @@ def _request_stop(signum, frame):
     STOP["signal"] = signum
 
 
-@contextmanager
-def stop_signals():
-    """While training, SIGTERM and SIGUSR1 only ask the run to save and stop (Checkpoints acts on it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, _request_stop) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 class Checkpoints:
-    """When to write the checkpoint: every --ckpt-minutes (rank 0's clock), every --ckpt-every steps if
-    set, at the last step, and after a stop signal reached any rank (then the run stops: `due` returns
-    stop=True). Clock and signals are checked every --log-every steps with one small all-reduce, so all
-    ranks decide together and the other steps never wait for the host."""
+    """When to checkpoint and stop: checked every --log-every steps by one small all-reduce, so all ranks agree."""
 
     def __init__(self, args, steps, device):
         self.steps, self.every, self.check_every = steps, args.ckpt_every, max(1, args.log_every)
         self.seconds, self.device, self.last = 60 * args.ckpt_minutes, device, time.time()
 
     def due(self, done):
-        """(save, stop) after step `done`."""
         save = done == self.steps or bool(self.every and done % self.every == 0)
         stop = False
         if done % self.check_every == 0 and done < self.steps:
@@ -184,8 +139,7 @@ class Checkpoints:
         if save:
             self.last = time.time()
         if stop:
-            STOP["stopped"] = True
-            STOP["signal"] = STOP["signal"] or signal.SIGTERM  # the signal reached another rank
+            STOP.update(stopped=True, signal=STOP["signal"] or signal.SIGTERM)  # SIGTERM: another rank's signal
         return save, stop
 
     @staticmethod
@@ -196,7 +150,6 @@ class Checkpoints:
 
 @contextmanager
 def no_host_sync(enabled, device):
-    """With --sync-debug on CUDA, any host-device synchronisation inside raises."""
     if not (enabled and device.type == "cuda"):
         yield
         return
@@ -205,11 +158,6 @@ def no_host_sync(enabled, device):
         yield
     finally:
         torch.cuda.set_sync_debug_mode(0)
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def is_main():
@@ -227,15 +175,8 @@ def all_reduce_sum(t):
     return t
 
 
-def all_reduce_mean(t):
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
 def broadcast_buffers(module):
-    """Rank 0's buffers (BatchNorm running statistics) on every rank, e.g. before evaluating."""
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, before evaluating."""
     if dist.is_initialized():
         for b in module.buffers():
             dist.broadcast(b, 0)
@@ -248,17 +189,14 @@ def seed_everything(seed, rank=0):
     torch.manual_seed(seed + rank)
 
 
-# ----------------------------------------------------------------------------- precision
-
 def cpu_has_native_bf16():
-    """bf16 matmuls are only fast on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN emulates them and
-    they run ~3x slower than fp32 (measured on this project's 2-core Xeon without those flags)."""
+    """Without AVX512-BF16 or AMX, oneDNN emulates bf16 matmuls, slower than fp32."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(name, device):
@@ -270,30 +208,26 @@ def resolve_dtype(name, device):
 
 
 def autocast(device, dtype):
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
-# ----------------------------------------------------------------------------- schedules
-
-def _warmup_then(base, total_steps, warmup_steps, start_warmup, decay):
-    """Per-iteration values: linear warm-up from start_warmup to base, then decay(t) for t in [0, 1)."""
+def _warmup_then(base, total_steps, warmup_steps, decay):
+    """Per-iteration values: linear warm-up from 0 to base, then decay(t), t in [0, 1)."""
     warmup_steps = min(warmup_steps, total_steps)
-    warmup = np.linspace(start_warmup, base, warmup_steps, endpoint=False)
+    warmup = np.linspace(0.0, base, warmup_steps, endpoint=False)
     t = np.arange(total_steps - warmup_steps) / max(1, total_steps - warmup_steps)
     return np.concatenate([warmup, decay(t)])
 
 
-def cosine_schedule(base, final, total_steps, warmup_steps=0, start_warmup=0.0):
-    """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
-    return _warmup_then(base, total_steps, warmup_steps, start_warmup,
+def cosine_schedule(base, final, total_steps, warmup_steps=0):
+    """Per-iteration values: linear warm-up, then cosine from base to final."""
+    return _warmup_then(base, total_steps, warmup_steps,
                         lambda t: final + 0.5 * (base - final) * (1 + np.cos(math.pi * t)))
 
 
 def poly_schedule(base, total_steps, power=0.9, warmup_steps=0):
     """Per-iteration values: linear warm-up, then base * (1 - t/T)^power (the segmentation standard)."""
-    return _warmup_then(base, total_steps, warmup_steps, 0.0, lambda t: base * (1 - t) ** power)
+    return _warmup_then(base, total_steps, warmup_steps, lambda t: base * (1 - t) ** power)
 
 
 def step_schedule(base, total_steps, milestones=(0.6, 0.8), gamma=0.1):
@@ -302,19 +236,17 @@ def step_schedule(base, total_steps, milestones=(0.6, 0.8), gamma=0.1):
     return base * gamma ** passed
 
 
-def scaled_lr(base_lr, batch_size, world_size, reference_batch=None, rule="linear"):
-    """lr for a global batch of batch_size x world_size: linear, base_lr x batch / reference (256; MAE,
-    DINO), or sqrt, base_lr x sqrt(batch / reference) (1024; DINOv2's rule for AdamW)."""
+def scaled_lr(base_lr, batch_size, world_size, rule="linear"):
+    """lr for the global batch: linear, x batch / 256 (MAE, DINO), or sqrt, x sqrt(batch / 1024) (DINOv2)."""
     if rule == "sqrt":
-        return base_lr * math.sqrt(batch_size * world_size / (reference_batch or 1024))
+        return base_lr * math.sqrt(batch_size * world_size / 1024)
     if rule != "linear":
         raise ValueError(f"unknown lr scaling rule {rule!r}; available: linear, sqrt")
-    return base_lr * batch_size * world_size / (reference_batch or 256)
+    return base_lr * batch_size * world_size / 256
 
 
 def decay_groups(params, weight_decay, lr_scale=1.0):
-    """Parameter groups (of a module or a list of parameters) without weight decay on biases, norms and
-    tokens (every parameter with < 2 dims); the decayed group comes first. lr_scale is applied by set_lr."""
+    """No weight decay on biases, norms and tokens (< 2 dims); the decayed group first; set_lr applies lr_scale."""
     params = [p for p in (params.parameters() if hasattr(params, "parameters") else params) if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": lr_scale},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
@@ -330,7 +262,6 @@ def sgd(groups, lr, momentum=0.9):
 
 
 def optimizer_step(loss, optimizer, scaler, params, clip_grad=0.0):
-    """Backward (scaled for fp16), optional gradient-norm clipping of `params`, step, zero the grads."""
     scaler.scale(loss).backward()
     if clip_grad:
         scaler.unscale_(optimizer)
@@ -345,11 +276,8 @@ def set_lr(optimizer, lr):
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
 def rng_state():
-    """This process's RNG states; CUDA: only its own device's (set_device), so that a run resumed where
-    fewer GPUs are visible (one per process under torchrun) finds what it needs."""
+    """This process's RNG states; CUDA: only its own device's, so a run resumed with fewer visible GPUs finds it."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -360,51 +288,36 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(cuda)
-
-
-def gather_rng_states():
-    """Every rank's RNG state, so a resumed DDP run continues each rank's stream exactly."""
-    state = rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+    if "cuda" in state and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(path, step, args, backbone, backbone_key, extra=None, **stateful):
-    """Atomic: write to a temporary file, then rename, so a crash never leaves a half-written checkpoint.
-    `stateful`: name -> object with state_dict() (model, optimizer, scaler, ...). `backbone` is the
-    backbone's config and `backbone_key` = (stateful name, key prefix) says where its weights are, so any
-    trainer's checkpoint can initialise another (`backbone_weights`). Weights are checked first so a
-    diverged model never replaces the last good checkpoint."""
+    """Atomic, never over the last good one with a diverged model; backbone_key = (name in stateful, key prefix)."""
     for name, obj in stateful.items():
-        if isinstance(obj, torch.nn.Module) and not params_finite(obj):
+        if isinstance(obj, torch.nn.Module) and not all(torch.isfinite(p).all() for p in obj.parameters()):
             raise FloatingPointError(f"non-finite weights in {name} at step {step}; "
                                      f"the last good checkpoint is kept at {path}")
     state = {name: obj.state_dict() for name, obj in stateful.items()}
     state.update(step=step, args=vars(args), backbone=backbone, backbone_key=backbone_key, **(extra or {}))
-    state["rng"] = gather_rng_states()  # collective: every rank must call this function
+    state["rng"] = [rng_state()]  # every rank's (a collective: all ranks call this), for an exact resume
+    if dist.is_initialized():
+        state["rng"] = [None] * dist.get_world_size()
+        dist.all_gather_object(state["rng"], rng_state())
     if is_main():
-        tmp = f"{path}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
     if dist.is_initialized():
         dist.barrier()
 
 
 def resume(path, rank, backbone, **stateful):
-    """Load everything save_checkpoint wrote back into `stateful` and this rank's RNG; returns the step.
-    A GradScaler's empty state (saved by a bf16/fp32 run) leaves the scaler fresh, so such a run can go on
-    in fp16. Another process count continues the run, not bit-exactly (see restore_rng)."""
+    """Load what save_checkpoint wrote into `stateful` and this rank's RNG; returns the step."""
     ckpt = load_checkpoint(path)
     check_config(ckpt["backbone"], backbone, path)
     for name, obj in stateful.items():
         if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
-            continue  # a disabled scaler's state: nothing to restore
+            continue  # a bf16/fp32 run's disabled scaler: a fresh one lets the run go on in fp16
         try:
             obj.load_state_dict(ckpt[name])
         except (RuntimeError, KeyError, ValueError) as e:  # e.g. another head or decoder than the run had
@@ -416,35 +329,30 @@ def resume(path, rank, backbone, **stateful):
     return ckpt["step"]
 
 
-def load_checkpoint(path, mmap=False):
-    """mmap=True maps the tensors instead of reading them (to look at a big checkpoint's config)."""
+def load_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no checkpoint there")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated/corrupt files
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
 
 
 def brief(config):
-    """A backbone config for printing: long lists (wavelengths, band ids) as their length."""
-    def short(v):
-        if isinstance(v, dict):
-            return {k: short(x) for k, x in v.items()}
-        return f"<{len(v)} values>" if isinstance(v, list) and len(v) > 8 else v
-    return short(config)
+    """A config for printing: long lists (wavelengths, band ids) as their length."""
+    if isinstance(config, dict):
+        return {k: brief(v) for k, v in config.items()}
+    return f"<{len(config)} values>" if isinstance(config, list) and len(config) > 8 else config
 
 
 def backbone_weights(ckpt):
-    """The backbone's state dict from any trainer's checkpoint: the network it names as its backbone
-    (for DINO the EMA teacher)."""
+    """The backbone's state dict from any trainer's checkpoint (for DINO the EMA teacher's)."""
     key, prefix = ckpt["backbone_key"]
     return {k[len(prefix):]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
 
 
 def check_bands(config, bands, path, data_name="the data"):
-    """`bands`: the data's band count. A cross-domain backbone's config holds {domain: bands}; with one
-    domain it reads any data with that band count."""
+    """A cross-domain config's {domain: bands} with one domain reads any data with that band count."""
     trained = config["in_chans"]
     if isinstance(trained, dict) and len(trained) == 1 and not isinstance(bands, dict):
         trained = next(iter(trained.values()))
@@ -463,7 +371,6 @@ def check_config(saved, current, path):
 
 
 def _band_diff(saved, current):
-    """The bands read, checkpoint vs now: which band indices only one of them reads."""
     a, b = set((saved or {}).get("ids") or []), set((current or {}).get("ids") or [])
     if a == b:
         return "bands: same band indices, different wavelengths"
@@ -472,13 +379,11 @@ def _band_diff(saved, current):
 
 
 def restore_rng(states, rank, world=1, seed=(0, 0)):
-    """This rank's saved RNG state. Saved by another number of processes, the run goes on (the data
-    order per rank changes anyway) with fresh streams from (seed, step, rank), and says it is not exact."""
+    """This rank's saved RNG state; saved by another process count, fresh streams from (seed, step, rank)."""
     if len(states) == world:
         set_rng_state(states[rank])
         return
-    print0(f"warning: the checkpoint was written by {len(states)} processes, this run has {world}: it continues, "
-           "but not bit-exactly as the original run would have (each rank's data and random streams change)")
+    print0(f"warning: {len(states)} processes wrote the checkpoint, {world} resume it: it goes on, not bit-exactly")
     seed_everything(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]), rank)
 
 
@@ -495,8 +400,7 @@ def prepare_out_dir(out, resume):
 
 
 class Meters:
-    """Per-step scalars kept on the device and averaged over steps and ranks only when flushed, so the
-    training loop syncs with the host once per log interval, not every step."""
+    """Per-step scalars kept on the device, averaged over steps and ranks when flushed: one host sync per log."""
 
     def __init__(self):
         self.sums, self.count = {}, 0
@@ -509,23 +413,15 @@ class Meters:
 
     def flush(self, step, ckpt_path):
         """Means since the last flush. Raises on a non-finite loss: one NaN anywhere poisons its sum."""
-        keys = sorted(self.sums)
-        means = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
-        means = all_reduce_mean(means).tolist()
+        keys, world = sorted(self.sums), dist.get_world_size() if dist.is_initialized() else 1
+        means = all_reduce_sum(torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)) / world
         self.sums, self.count = {}, 0
-        out = dict(zip(keys, means))
+        out = dict(zip(keys, means.tolist()))
         if not math.isfinite(out.get("loss", 0.0)):
-            raise FloatingPointError(f"non-finite loss at or before step {step}; stopping. The last good "
-                                     f"checkpoint is kept at {ckpt_path} (if one was written). Lower the lr "
-                                     "or check the data.")
+            raise FloatingPointError(f"non-finite loss at or before step {step}; stopping. The last good checkpoint "
+                                     f"is kept at {ckpt_path} (if one was written). Lower the lr or check the data.")
         return out
 
-
-def params_finite(model):
-    return all(torch.isfinite(p).all() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------- speed
 
 GPU_PEAK_TFLOPS = {  # dense tensor-core peaks from the vendors' data sheets: (bf16/fp16, tf32)
     "H200": (989.4, 494.7), "H200 NVL": (835.5, 417.8), "H100": (989.4, 494.7), "H100 PCIe": (756.0, 378.0),
@@ -535,9 +431,7 @@ GPU_PEAK_TFLOPS = {  # dense tensor-core peaks from the vendors' data sheets: (b
 
 
 def gpu_peak(name, dtype):
-    """The data-sheet peak of the GPU called `name` (torch.cuda.get_device_name), matched by whole words
-    so that an L40 is not read as an L4 nor an A10G as an A10; the longest matching entry wins (H100 PCIe
-    over H100). None for GPUs not in the table."""
+    """(peak, key): whole words match (an L40 is no L4, an A10G no A10); the longest wins (H100 PCIe)."""
     words = re.split(r"[\s_-]+", name.upper())
     best = None
     for key, (half, tf32) in GPU_PEAK_TFLOPS.items():
@@ -547,10 +441,9 @@ def gpu_peak(name, dtype):
     return (None, None) if best is None else best[1:]
 
 
-def matmul_tflops(dtype, device=torch.device("cpu"), n=2048, seconds=1.0, probes=5):
-    """Measured rate of an n x n matmul in `dtype` on this device: the CPU's practical peak. The best of
-    `probes` short timings, so that a moment when other jobs had the cores does not pass for the peak."""
-    a = b = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random draws: runs must stay reproducible
+def matmul_tflops(dtype, n=2048, seconds=1.0, probes=5):
+    """The CPU's practical peak: the best of `probes` timings of an n x n matmul (other jobs may hold the cores)."""
+    a = b = torch.full((n, n), 0.5, dtype=dtype)  # no random draws: runs must stay reproducible
     a @ b  # warm-up
     best = 0.0
     for _ in range(probes):
@@ -558,16 +451,12 @@ def matmul_tflops(dtype, device=torch.device("cpu"), n=2048, seconds=1.0, probes
         while reps == 0 or time.perf_counter() - t0 < seconds / probes:
             a @ b
             reps += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12)
     return best
 
 
 def counted_flops(fn):
-    """FLOPs torch.utils.flop_counter sees while fn() runs, leaving every RNG stream untouched. Attention
-    runs as plain matmuls here: the counter has no formula for the CPU's fused attention kernel, which it
-    would count as zero (e.g. -9% of a patch-4 MAE step)."""
+    """FLOPs of fn(), RNG untouched; attention as plain matmuls (the counter sees fused attention as zero)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     with torch.random.fork_rng(devices=[]), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -576,59 +465,49 @@ def counted_flops(fn):
 
 
 def peak_tflops(device, dtype):
-    """(peak TFLOP/s for MFU, where it comes from): a GPU's data-sheet peak, or on CPU the matmul rate
-    measured now in that dtype."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak, key = gpu_peak(name, dtype)
-        if peak is None:
-            return None, f"unknown GPU {name}: no MFU; add its dense peak to common.GPU_PEAK_TFLOPS"
-        return peak, f"{key} data sheet"
-    return matmul_tflops(dtype), "measured CPU matmul, best of 5 probes"
-
-
-# ----------------------------------------------------------------------------- logging
-
-def git_sha():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    """(peak TFLOP/s for MFU, its source): a GPU's data-sheet peak, or the CPU's matmul rate measured now."""
+    if device.type != "cuda":
+        return matmul_tflops(dtype), "measured CPU matmul, best of 5 probes"
+    name = torch.cuda.get_device_name(device)
+    peak, key = gpu_peak(name, dtype)
+    return peak, f"{key} data sheet" if peak else f"unknown GPU {name}: no MFU; add its peak to common.GPU_PEAK_TFLOPS"
 
 
 class Logger:
-    """TensorBoard + metrics.jsonl on rank 0; a no-op elsewhere. Images are (3, H, W) floats in [0, 1]."""
+    """TensorBoard + metrics.jsonl on rank 0; given FLOPs per image and the peak, img/s comes with tflops, mfu."""
 
     def __init__(self, out, args, start_step=0, flops_per_image=None, peak=None):
-        """With the training FLOPs per image and the peak TFLOP/s, every img/s comes with tflops and mfu."""
         self.enabled, self.flops, self.peak = is_main(), flops_per_image, peak
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(out, "tb"))
             self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a")
             self.writer.add_text("args", json.dumps(vars(args), indent=1, default=str))
-            print0(f"git {git_sha()} | args {json.dumps(vars(args), default=str)}")
+            try:
+                sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+            except (OSError, subprocess.TimeoutExpired):
+                sha = None
+            print0(f"git {sha or None} | args {json.dumps(vars(args), default=str)}")
         self.t0, self.last_step = time.time(), start_step
 
     def scalars(self, step, values, images=None):
-        """Log values; with `images` (per step, all ranks) also img_per_s since the previous call (and
-        tflops, mfu). Returns what was logged."""
+        """Log values; with `images` (per step, all ranks) also img_per_s since the last call. Returns them."""
         now = time.time()
         if images and step > self.last_step:
             values = {**values, "img_per_s": (step - self.last_step) * images / (now - self.t0)}
             if self.flops:
-                values["tflops"] = values["img_per_s"] * self.flops / 1e12 / (dist.get_world_size() if dist.is_initialized() else 1)
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                values["tflops"] = values["img_per_s"] * self.flops / 1e12 / world
                 if self.peak:  # a busy machine's CPU probe can read low: the peak is never below what was reached
                     self.peak = max(self.peak, values["tflops"])
                     values["mfu"] = values["tflops"] / self.peak
         self.t0, self.last_step = now, step
-        if not self.enabled:
-            return values
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
+        if self.enabled:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
         return values
 
     def image(self, tag, img, step):

@@ -1,24 +1,13 @@
-"""Compare representations the way a claim needs it: named configurations x label budgets x split seeds,
-each cell one run of finetune_seg.py or an eval.py probe, then mean ± std per row and the *paired*
-difference of every row to its reference (same split seeds). Orchestration only: no training code here.
+"""Paired comparisons: configurations x label budgets x split seeds, each cell one run of finetune_seg.py or an
+eval.py probe, then per row mean ± std and the *paired* difference to its reference row (same split seeds).
+Orchestration only. A config's flags go to every mode's script: keep them to backbone flags (--init, --size, ...).
 
     python compare.py --study ip_mae --config "mae: --init runs/pre/mae/ckpt.pt" --twins \\
         --config "pixel: --backbone pixel" --modes knn,finetune --budget 5/class --budget 10/class --seeds 0,1,2
-    python compare.py --study ip_cd --modes finetune --budget "200/class, classes >= 400 px" --seeds 0,1,2,3,4 \\
-        --config "scratch: --backbone cdcnn" --config "pre: --init runs/contrast/ckpt.pt" --reference scratch
-
-Configurations are `name: flags` (or `name vs other: flags` to pair the row with `other`); the flags go to every script a mode runs (finetune_seg.py for
-frozen-decoder/finetune, eval.py for knn/frozen-linear), so keep them to the backbone flags both take
-(--init, --twin, --backbone, --size, ...) and put trainer-only flags in --finetune-args. `--twins` adds
-`<name>-twin` (the checkpoint's backbone with random weights, trained identically) for every config with
---init and pairs the two. Cell k of seed s runs with `--split-seed s --seed s`. A cell is finished when
-its result.json exists, or when its folder does not exist and results/<study>.json already holds it with
-the same flags (a table built across sessions or machines: commit the results file, not runs/); an
-interrupted study re-run with the same arguments runs only the missing cells. Writes, after every
-finished cell, results/<study>.json (every row: per-seed metrics, its reference, the command) and
-results/<study>.md (the table).
 """
 import argparse
+import importlib
+import itertools
 import json
 import math
 import os
@@ -37,44 +26,36 @@ import common
 
 METRICS = ("oa", "aa", "miou", "kappa")
 REGION_METRICS = ("boundary_oa", "boundary_miou")  # eval.py's boundary metric, where the cell's script gives it
-MODES = {  # mode -> (script, flags it adds)
-    "knn": ("eval.py", ["--probe", "knn"]),
-    "frozen-linear": ("eval.py", ["--probe", "linear"]),
-    "frozen-decoder": ("finetune_seg.py", []),
-    "finetune": ("finetune_seg.py", ["--finetune"]),
-}
+MODES = {"knn": ("eval.py", ["--probe", "knn"]), "frozen-linear": ("eval.py", ["--probe", "linear"]),  # (script, flags)
+         "frozen-decoder": ("finetune_seg.py", []), "finetune": ("finetune_seg.py", ["--finetune"])}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", required=True, help="name: cells live in <runs-dir>/<study>, results in "
-                   "<results-dir>/<study>.json and .md")
-    p.add_argument("--config", action="append", required=True, help='"name: flags", repeatable')
-    p.add_argument("--twins", action="store_true", help="add the random twin of every config with --init")
-    p.add_argument("--reference", default=None, help="the row every row without a twin is paired with "
-                   "(e.g. a scratch baseline)")
+    p.add_argument("--study", required=True, help="cells in <runs-dir>/<study>, results <results-dir>/<study>.*")
+    p.add_argument("--config", action="append", required=True, help='repeatable: "name: flags" or "name vs ref: flags"')
+    p.add_argument("--twins", action="store_true", help="add and pair the random twin of every config with --init")
+    p.add_argument("--reference", default=None, help="the row every row without a twin is paired with")
     p.add_argument("--modes", default="knn,finetune", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--budget", action="append", default=None, help='label budget, repeatable: "10/class", '
                    '"10%%", "200/class, classes >= 400 px" (default: 5/class and 10/class)')
     p.add_argument("--seeds", default="0,1,2", help="split seeds (each also the training seed)")
     p.add_argument("--data", default="data/indian_pines")
-    p.add_argument("--finetune-args", default="", help="flags for every finetune_seg.py cell, e.g. '--backbone-lr-scale 1'")
-    p.add_argument("--probe-args", default="", help="flags for every eval.py probe cell, e.g. '--k 10'")
+    p.add_argument("--finetune-args", default="", help="flags for every finetune_seg.py cell (trainer-only flags)")
+    p.add_argument("--probe-args", default="", help="flags for every eval.py probe cell")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (subprocesses)")
     p.add_argument("--threads", type=int, default=None, help="OMP/torch threads per cell (default: cores / jobs)")
-    p.add_argument("--in-process", action="store_true", help="run cells in this process (one at a time; no "
-                   "interpreter start-up per cell)")
+    p.add_argument("--in-process", action="store_true", help="run cells one at a time in this process")
     p.add_argument("--runs-dir", default="runs/compare")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--dry-run", action="store_true", help="print the cells' commands and what is finished")
-    p.add_argument("--collect", action="store_true", help="run no cell: write the results of the finished ones "
-                   "(a partial table, e.g. when a session ends; the rest runs with the same command later)")
+    p.add_argument("--collect", action="store_true", help="run no cell: write the finished ones' (partial) table")
     common.add_debug_arg(p)
     return p.parse_args(argv)
 
 
 def parse_configs(specs, twins):
-    """['name: flags', ...] -> {name: [flags]} in order, plus {name: its twin's name}."""
+    """['name: flags', ...] -> {name: [flags]} in order, plus {name: its reference's name}."""
     configs, pairs = {}, {}
     for spec in specs:
         head, sep, flags = spec.partition(":")
@@ -87,12 +68,9 @@ def parse_configs(specs, twins):
         configs[name] = shlex.split(flags)
         if reference:
             pairs[name] = reference
-    ordered = {}
-    for name, flags in configs.items():
-        ordered[name] = flags
-        if twins and "--init" in flags and "--twin" not in flags and name not in pairs:
-            ordered[f"{name}-twin"], pairs[name] = flags + ["--twin"], f"{name}-twin"  # listed next to its row
-    return ordered, pairs
+        elif twins and "--init" in configs[name] and "--twin" not in configs[name]:
+            configs[f"{name}-twin"], pairs[name] = configs[name] + ["--twin"], f"{name}-twin"  # next to its row
+    return configs, pairs
 
 
 def parse_budget(label):
@@ -110,21 +88,18 @@ def parse_budget(label):
 
 
 def cells(args, configs):
-    """Every (name, mode, budget label, seed, out dir, argv of the script)."""
-    out = []
-    for name, flags in configs.items():
-        for mode in args.modes.split(","):
-            if mode not in MODES:
-                raise ValueError(f"--modes: unknown mode {mode!r}; available: {', '.join(MODES)}")
-            script, mode_flags = MODES[mode]
-            extra = shlex.split(args.probe_args if script == "eval.py" else args.finetune_args)
-            for label in args.budget:
-                budget_flags, slug = parse_budget(label)
-                for seed in [int(s) for s in args.seeds.split(",")]:
-                    where = os.path.join(args.runs_dir, args.study, name, mode, slug, f"seed{seed}")
-                    argv = (["--data", args.data] + flags + mode_flags + budget_flags + extra
-                            + ["--split-seed", str(seed), "--seed", str(seed), "--out", where])
-                    out.append((name, mode, label, seed, where, script, argv))
+    """Every (name, mode, budget label, seed, out dir, script, argv)."""
+    out, seeds = [], [int(s) for s in args.seeds.split(",")]
+    for name, mode, label, seed in itertools.product(configs, args.modes.split(","), args.budget, seeds):
+        if mode not in MODES:
+            raise ValueError(f"--modes: unknown mode {mode!r}; available: {', '.join(MODES)}")
+        script, mode_flags = MODES[mode]
+        extra = shlex.split(args.probe_args if script == "eval.py" else args.finetune_args)
+        budget_flags, slug = parse_budget(label)
+        where = os.path.join(args.runs_dir, args.study, name, mode, slug, f"seed{seed}")
+        argv = (["--data", args.data] + configs[name] + mode_flags + budget_flags + extra
+                + ["--split-seed", str(seed), "--seed", str(seed), "--out", where])
+        out.append((name, mode, label, seed, where, script, argv))
     return out
 
 
@@ -133,53 +108,41 @@ def command_line(script, argv):
 
 
 def recorded_cells(path, todo):
-    """{(name, mode, label, seed): result} of the cells an earlier results/<study>.json holds, e.g. one
-    committed by another session or machine whose runs/ folder is not here. A row counts only if it was
-    made with the same flags: its command must be the one this invocation gives its first seed."""
+    """{(name, mode, label, seed): result} of an earlier results/<study>.json (another machine's, say), from the
+    rows made with the same flags: the command this invocation gives the row's first seed."""
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         rows = json.load(f)["rows"]
-    commands = {(c[0], c[1], c[2], c[3]): command_line(c[5], c[6]) for c in todo}
+    commands = {c[:4]: command_line(c[5], c[6]) for c in todo}
     found = {}
     for r in rows:
-        seeds = r["split_seeds"]
-        if not seeds or commands.get((r["name"], r["mode"], r["labels"], seeds[0])) != r["command"]:
-            continue
-        for i, seed in enumerate(seeds):
-            found[(r["name"], r["mode"], r["labels"], seed)] = {
-                **{k: r[k][i] for k in METRICS + REGION_METRICS if k in r}, "seconds": r["seconds"][i],
-                "command": commands.get((r["name"], r["mode"], r["labels"], seed))}
+        row = (r["name"], r["mode"], r["labels"])
+        if r["split_seeds"] and commands.get((*row, r["split_seeds"][0])) == r["command"]:
+            for i, seed in enumerate(r["split_seeds"]):
+                found[(*row, seed)] = {**{k: r[k][i] for k in METRICS + REGION_METRICS if k in r},
+                                       "seconds": r["seconds"][i], "command": commands.get((*row, seed))}
     return found
 
 
 def finished(cell, recorded):
-    """A finished cell's result, else None. Finished: its result.json exists, or its folder does not and
-    `recorded` (recorded_cells) holds it."""
-    name, mode, label, seed, where = cell[:5]
+    """A finished cell's result (its result.json, or without its folder what `recorded` holds), else None."""
+    where = cell[4]
     if os.path.isfile(os.path.join(where, "result.json")):
         with open(os.path.join(where, "result.json")) as f:
             return json.load(f)
-    return None if os.path.isdir(where) else recorded.get((name, mode, label, seed))
+    return None if os.path.isdir(where) else recorded.get(cell[:4])
 
 
-def run_cell(cell, args, recorded=None):
-    """Run one cell unless finished; returns its result. An interrupted cell's folder is cleared first."""
+def run_cell(cell, args):
+    """Run one cell; returns its result. An interrupted cell's folder is cleared first."""
     name, mode, label, seed, where, script, argv = cell
-    result_path = os.path.join(where, "result.json")
-    done = finished(cell, recorded or {})
-    if done is not None:
-        return done
     if os.path.isdir(where):
         shutil.rmtree(where)  # an interrupted cell: its run starts again (cells are minutes long)
     os.makedirs(where)
     start = time.time()
     if args.in_process:
-        if script == "eval.py":
-            import eval as module
-        else:
-            import finetune_seg as module
-        module.main(argv)
+        importlib.import_module(script.removesuffix(".py")).main(argv)
     else:
         threads = str(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -193,9 +156,10 @@ def run_cell(cell, args, recorded=None):
     regions = {f"boundary_{k}": 100 * m["boundary"][k] for k in ("oa", "miou")} if "boundary" in m else {}
     result = {**{k: 100 * m[k] for k in METRICS}, **regions, "seconds": round(time.time() - start, 1),
               "command": command_line(script, argv)}
-    with open(result_path + ".tmp", "w") as f:
+    path = os.path.join(where, "result.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(result_path + ".tmp", result_path)  # written last: its presence means the cell is finished
+    os.replace(path + ".tmp", path)  # written last: its presence means the cell is finished
     print(f"{name} {mode} {label} seed {seed}: OA {result['oa']:.2f} mIoU {result['miou']:.2f} "
           f"({result['seconds']:.0f} s)", flush=True)
     return result
@@ -203,59 +167,59 @@ def run_cell(cell, args, recorded=None):
 
 def paired(a, b):
     """Paired difference of two {seed: value} maps over their common seeds -> (mean, sample std, wins, n)."""
-    common = sorted(set(a) & set(b))
-    d = np.array([a[s] - b[s] for s in common], float)
+    d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b))], float)
     if not len(d):
         return math.nan, math.nan, 0, 0
     return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else math.nan, int((d > 0).sum()), len(d)
 
 
 def mean_std(values):
+    """'mean ± sample std' of a row's per-seed values: 'mean' for one seed, '-' for none."""
     v = np.asarray(values, float)
-    return (float(v.mean()) if len(v) else math.nan), (float(v.std(ddof=1)) if len(v) > 1 else math.nan)
+    m, s = (float(v.mean()) if len(v) else math.nan), (float(v.std(ddof=1)) if len(v) > 1 else math.nan)
+    return "-" if math.isnan(m) else f"{m:.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:.2f}"
 
 
-def summarise(args, configs, pairs, results):
-    """results: {(name, mode, label): {seed: result}} -> the JSON rows, in the order of the configs."""
+def write_results(args, argv, base, configs, pairs, results):
+    """results: {(name, mode, label): {seed: result}} -> results/<study>.json and .md (written whole, renamed)."""
     rows = []
     for (name, mode, label), by_seed in results.items():
-        seeds = sorted(by_seed)
-        flags = configs[name]
-        reference = pairs.get(name) or (args.reference if name != args.reference else None)
-        rows.append({
-            "name": name, "init": flags[flags.index("--init") + 1] if "--init" in flags else None,
-            "twin": "--twin" in flags, "labels": label, "mode": mode, "reference": reference,
-            "split_seeds": seeds, **{k: [by_seed[s][k] for s in seeds] for k in METRICS},
-            **{k: [by_seed[s][k] for s in seeds] for k in REGION_METRICS if seeds and all(k in by_seed[s] for s in seeds)},
-            "seconds": [by_seed[s]["seconds"] for s in seeds],
-            "command": by_seed[seeds[0]]["command"] if seeds else None,
-        })
-    return rows
+        seeds, flags = sorted(by_seed), configs[name]
+        metrics = METRICS + tuple(k for k in REGION_METRICS if seeds and all(k in by_seed[s] for s in seeds))
+        rows.append({"name": name, "init": flags[flags.index("--init") + 1] if "--init" in flags else None,
+                     "twin": "--twin" in flags, "labels": label, "mode": mode,
+                     "reference": pairs.get(name) or (args.reference if name != args.reference else None),
+                     "split_seeds": seeds, **{k: [by_seed[s][k] for s in seeds] for k in metrics},
+                     "seconds": [by_seed[s]["seconds"] for s in seeds],
+                     "command": by_seed[seeds[0]]["command"] if seeds else None})
+    os.makedirs(args.results_dir, exist_ok=True)
+    made_by = [a for a in (argv or sys.argv[1:]) if a != "--collect"]  # the command that makes the cells
+    summary = {"study": args.study, "command": command_line("compare.py", made_by),
+               "units": "percent (kappa x 100); per-seed lists follow split_seeds", "rows": rows}
+    for ext, text in ((".json", json.dumps(summary, indent=1)), (".md", f"`{summary['command']}`\n\n{table(rows)}\n")):
+        with open(base + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(base + ext + ".tmp", base + ext)
+    return summary
 
 
 def table(rows):
     """Markdown: mean ± sample std per metric, then OA and mIoU paired with the reference row."""
     index = {(r["name"], r["mode"], r["labels"]): r for r in rows}
     regions = any("boundary_oa" in r for r in rows)
-    lines = ["| row | mode | labels | seeds | OA | AA | mIoU | kappa x100 | reference | ΔOA paired | ΔmIoU paired | wins (OA) |"
-             + (" boundary OA | Δboundary OA paired |" if regions else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if regions else "")]
-    fmt = lambda m, s: "-" if math.isnan(m) else f"{m:.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:.2f}"  # noqa: E731
+    header = ["row", "mode", "labels", "seeds", "OA", "AA", "mIoU", "kappa x100", "reference", "ΔOA paired",
+              "ΔmIoU paired", "wins (OA)"] + (["boundary OA", "Δboundary OA paired"] if regions else [])
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in rows:
-        cols = [fmt(*mean_std(r[k])) for k in METRICS]
         ref = index.get((r["reference"], r["mode"], r["labels"]))
-        pair = lambda k: paired(dict(zip(r["split_seeds"], r[k])), dict(zip(ref["split_seeds"], ref[k])))  # noqa: E731
-        diff = ["-", "-", "-"]
-        if ref is not None:
-            oa, miou = pair("oa"), pair("miou")
-            diff = [f"{oa[0]:+.2f} ± {oa[1]:.2f}", f"{miou[0]:+.2f} ± {miou[1]:.2f}", f"{oa[2]}/{oa[3]}"]
+        d = {k: paired(dict(zip(r["split_seeds"], r[k])), dict(zip(ref["split_seeds"], ref[k])))
+             for k in ("oa", "miou", "boundary_oa") if ref is not None and k in r and k in ref}
+        oa, miou, edge = (f"{d[k][0]:+.2f} ± {d[k][1]:.2f}" if k in d else "-" for k in ("oa", "miou", "boundary_oa"))
+        row = [r["name"], r["mode"], r["labels"], str(len(r["split_seeds"]))] + [mean_std(r[k]) for k in METRICS]
+        row += [r["reference"] or "-", oa, miou, f"{d['oa'][2]}/{d['oa'][3]}" if "oa" in d else "-"]
         if regions:
-            diff.append(fmt(*mean_std(r["boundary_oa"])) if "boundary_oa" in r else "-")
-            both = ref is not None and "boundary_oa" in r and "boundary_oa" in ref
-            edge = pair("boundary_oa") if both else None
-            diff.append(f"{edge[0]:+.2f} ± {edge[1]:.2f}" if both else "-")
-        lines.append(f"| {r['name']} | {r['mode']} | {r['labels']} | {len(r['split_seeds'])} | " + " | ".join(cols)
-                     + f" | {r['reference'] or '-'} | " + " | ".join(diff) + " |")
+            row += [mean_std(r["boundary_oa"]) if "boundary_oa" in r else "-", edge]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -271,42 +235,27 @@ def main(argv=None):
     recorded = recorded_cells(base + ".json", todo)
     if args.dry_run:
         for c in todo:
-            done = finished(c, recorded) is not None
-            print(("done  " if done else "to do ") + command_line(c[5], c[6]))
+            print(("to do " if finished(c, recorded) is None else "done  ") + command_line(c[5], c[6]))
         return None
-    results = {(c[0], c[1], c[2]): {} for c in todo}
+    results = {c[:3]: {} for c in todo}
     if args.collect:
         total, todo = len(todo), [c for c in todo if finished(c, recorded) is not None]
         print(f"{len(todo)} of {total} cells finished; collecting them, running none")
     lock = threading.Lock()
 
     def run(c):
-        r = run_cell(c, args, recorded)
+        r = finished(c, recorded) or run_cell(c, args)
         with lock:  # the results files follow every finished cell: a cut-off session keeps what it ran
-            results[(c[0], c[1], c[2])][c[3]] = r
-            summary = write_results(args, argv, base, summarise(args, configs, pairs, results))
-        return summary
+            results[c[:3]][c[3]] = r
+            write_results(args, argv, base, configs, pairs, results)
     if args.jobs > 1 and not args.in_process:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(run, todo))
     else:
         for c in todo:
             run(c)
-    summary = write_results(args, argv, base, summarise(args, configs, pairs, results))
+    summary = write_results(args, argv, base, configs, pairs, results)
     print(f"`{summary['command']}`\n\n{table(summary['rows'])}\n-> {base}.json, {base}.md")
-    return summary
-
-
-def write_results(args, argv, base, rows):
-    """results/<study>.json and .md (written whole, then renamed into place)."""
-    os.makedirs(args.results_dir, exist_ok=True)
-    made_by = [a for a in (argv or sys.argv[1:]) if a != "--collect"]  # the command that makes the cells
-    summary = {"study": args.study, "command": " ".join(["python", "compare.py"] + [shlex.quote(a) for a in made_by]),
-               "units": "percent (kappa x 100); per-seed lists follow split_seeds", "rows": rows}
-    for ext, text in ((".json", json.dumps(summary, indent=1)), (".md", f"`{summary['command']}`\n\n{table(rows)}\n")):
-        with open(base + ext + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(base + ext + ".tmp", base + ext)
     return summary
 
 

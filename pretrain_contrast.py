@@ -1,15 +1,9 @@
-"""Cross-domain contrastive pre-training (Lee & Kwon, "Self-supervised contrastive learning for
-cross-domain hyperspectral image representation", 2022) of a cross-domain CNN on unlabelled scenes from
-different sensors: one first layer per scene (its own band count), one shared trunk.
-
-Every iteration draws one random p x p region from every scene (never two from one scene). Pixels of a
-region are positives of each other, pixels of the other scenes' regions are negatives; the loss is the
-multi-positive InfoNCE. Transfer with `finetune_seg.py --init <out>/ckpt.pt` (a new first layer for the
-target scene, the trunk from here).
+"""Cross-domain contrastive pre-training (Lee & Kwon 2022; docs/cross_domain_cnn.md) of a CNN on unlabelled scenes
+of different sensors: one first layer per scene, one shared trunk. A step's positives are the pixels of one p x p
+region per scene, its negatives the other regions'. Transfer with `finetune_seg.py --init <out>/ckpt.pt`.
 
     python pretrain_contrast.py                           # every scene in ../shared/data but indian_pines
     python pretrain_contrast.py --data a,b,c --region-size 7 --steps 2000 --out runs/contrast_p7
-    torchrun --nproc_per_node 2 pretrain_contrast.py --out runs/contrast_ddp
 """
 import argparse
 import os
@@ -27,10 +21,8 @@ MARGIN = 2  # the 5x5 first layer's reach: regions are read with this much conte
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data", help="scene folders, comma-separated (one domain each), or "
-                   "one folder of scene folders: then every scene in it except --exclude")
-    p.add_argument("--exclude", default="indian_pines", help="scene folders left out when --data is a folder of "
-                   "scenes, comma-separated: the downstream scene, so pre-training never sees it")
+    p.add_argument("--data", default="../shared/data", help="scene folders (one domain each), or a folder of them")
+    p.add_argument("--exclude", default="indian_pines", help="scenes of a --data folder left out (the downstream one)")
     p.add_argument("--region-size", type=int, default=5, help="p: one p x p region per scene and iteration")
     p.add_argument("--temperature", type=float, default=0.07, help="InfoNCE temperature (the paper's 0.07)")
     p.add_argument("--width", type=int, default=128, help="channels of the first layers and the trunk")
@@ -38,15 +30,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200, help="iterations (the paper's 200; longer runs are fine)")
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.005)
-    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm; 0 = off (the paper: none). "
-                   "Unclipped first steps kill the ReLUs: every feature becomes the trunk's bias (pos_sim = neg_sim = 1)")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm; 0 = off (the paper's: can collapse)")
     common.add_run_args(p, out="runs/contrast")
     return p.parse_args(argv)
 
 
 def source_scenes(spec, exclude):
-    """--data as a comma-separated list of scene folders; a folder of scene folders expands to its scenes
-    (sorted) minus the excluded names."""
+    """--data as comma-separated scene folders; a folder of them expands to its scenes (sorted) but `exclude`."""
     if "," in spec or os.path.isfile(os.path.join(spec, "image.tif")):
         return spec
     if not os.path.isdir(spec):
@@ -59,10 +49,7 @@ def source_scenes(spec, exclude):
 
 
 class SceneRegions(torch.utils.data.Dataset):
-    """Item i: one random window of `size` px from every dataset, in dataset order, each normalised with
-    its own statistics and under a random one of the 8 flips/rotations. Built on RandomTiles,
-    so item i is a pure function of (seed, i): with the step-indexed loader, rank r of a run draws its
-    regions at step s from the stream (seed, s, r) and a resumed run draws exactly what it would have."""
+    """Item i: a random flipped/rotated normalised window per dataset, a pure function of (seed, i): exact resume."""
 
     def __init__(self, datasets, size, seed=0):
         self.tiles = [data.RandomTiles([ds], size, seed, data.Augment(flips=True)) for ds in datasets]
@@ -71,27 +58,19 @@ class SceneRegions(torch.utils.data.Dataset):
         return 2 ** 62
 
     def __getitem__(self, i):
-        n = len(self.tiles)
-        return [tiles[i * n + d][0] for d, tiles in enumerate(self.tiles)]  # [(C_d, size, size)]
+        return [tiles[i * len(self.tiles) + d][0] for d, tiles in enumerate(self.tiles)]  # [(C_d, size, size)]
 
 
 def region_features(model, regions, domains, p):
-    """regions [(1, C_d, p + 2*MARGIN, ...)], one per domain -> features (D*p*p, width) of the central
-    p x p pixels (each seen with its full 5x5 context) and their region ids (D*p*p,)."""
+    """regions [(1, C_d, p + 2 * MARGIN, same)] -> features (D*p*p, width) of the central pixels, region ids."""
     f = model(regions, domains)[:, :, MARGIN:MARGIN + p, MARGIN:MARGIN + p]  # (D, width, p, p)
     region = torch.arange(len(regions) * p * p, device=f.device) // (p * p)
     return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]), region
 
 
 def multi_positive_infonce(z, region, temperature):
-    """Multi-positive InfoNCE over pixel features z (N, D) with region ids (N,); needs two regions or more.
-    With s_ij = cos(z_i, z_j) / temperature, positives P(i) = the other pixels of i's region and
-    negatives N(i) = the pixels of every other region:
-
-        loss_i = sum_{j in P(i)} -log( exp(s_ij) / (exp(s_ij) + sum_{k in N(i)} exp(s_ik)) )
-
-    i.e. the sum over positives of single-positive InfoNCE terms (each positive against the negatives
-    only, the other positives are not in its denominator); the loss is the mean over anchors i."""
+    """Pixel features z (N, D), region ids (N,). With s_ij = cos(z_i, z_j) / temperature, P(i) the other pixels of
+    i's region, N(i) the other regions': mean_i sum_{j in P(i)} -log(e^s_ij / (e^s_ij + sum_{k in N(i)} e^s_ik))."""
     z = F.normalize(z.float(), dim=1)
     s = z @ z.T / temperature  # (N, N)
     same = region[:, None] == region[None, :]
@@ -103,8 +82,7 @@ def multi_positive_infonce(z, region, temperature):
 
 @torch.no_grad()
 def similarities(z, region):
-    """Mean cosine similarity of positive and of negative pairs: both near 1 means collapse. Masked sums,
-    not boolean indexing, which would wait for the device to know the result's size."""
+    """Mean cosine of positive and of negative pairs (both near 1: collapse); masked sums need no device sync."""
     z = F.normalize(z.float(), dim=1)
     cos = z @ z.T
     same = region[:, None] == region[None, :]
@@ -139,7 +117,6 @@ def train(args, rank, world, device):
     ddp = torch.compile(ddp) if args.compile else ddp
     regions = SceneRegions(datasets, p + 2 * MARGIN, args.seed)
     batches = iter(data.step_loader(regions, 1, start, rank, world, args.workers, device))
-    names = list(domains)
     logger = common.Logger(args.out, args, start)
     meters, checkpoints = common.Meters(), common.Checkpoints(args, args.steps, device)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
@@ -148,9 +125,8 @@ def train(args, rank, world, device):
             xs = next(batches)  # per domain (1, C_d, p+4, p+4), on the device
             common.set_lr(optimizer, lr_schedule[step])
             with common.autocast(device, dtype):
-                z, region = region_features(ddp, xs, names, p)
-            # Each rank's loss holds one region per scene; DDP averages the ranks' gradients.
-            loss = multi_positive_infonce(z, region, args.temperature)
+                z, region = region_features(ddp, xs, list(domains), p)
+            loss = multi_positive_infonce(z, region, args.temperature)  # one region per scene; DDP averages ranks
             common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
             pos_sim, neg_sim = similarities(z.detach(), region)
             meters.add(loss=loss, pos_sim=pos_sim, neg_sim=neg_sim)

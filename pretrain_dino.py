@@ -1,5 +1,4 @@
-"""DINOv2 pre-training (self-distillation: DINO on CLS tokens + iBOT on masked patches + KoLeo) of a
-hyperspectral ViT, with HSI multi-crop.
+"""DINOv2 pre-training (DINO on CLS tokens, iBOT on masked patches, KoLeo) of a hyperspectral ViT, HSI multi-crop.
 
     python pretrain_dino.py                                  # small real run on the bundled Indian Pines
     torchrun --nproc_per_node 2 pretrain_dino.py --out runs/dino2
@@ -25,16 +24,16 @@ from models import DINOHead, build_backbone, linear_flops
 
 # DINOv2's constants (facebookresearch/dinov2 ssl_default_config.yaml), and the bound on the spectral jitter.
 STUDENT_TEMP, IBOT_WEIGHT, KOLEO_WEIGHT = 0.1, 1.0, 0.1
-MASK_PROBABILITY = 0.5  # share of global crops with masked patches (and, for ssvit, drawn apart, band groups)
 CLIP_GRAD, MIN_LR = 3.0, 1e-6
-JITTER_SPREAD = 0.25    # no band's tile mean moves by more than this share of its within-tile std
+MASK_PROBABILITY = 0.5  # share of global crops with masked patches (for ssvit, drawn apart, band groups too)
+JITTER_SPREAD = 0.25  # no band's tile mean moves by more than this share of its within-tile std
+MASK_BLOCKS = 10  # rectangles tried per block mask (BEiT: 10 attempts per block)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
-    p.add_argument("--backbone", default="vit", help="vit | ssvit (spatial-spectral ViT: DINO and iBOT on "
-                   "both streams, averaged)")
+    p.add_argument("--backbone", default="vit", help="vit | ssvit (spatial-spectral ViT: losses of both streams)")
     p.add_argument("--size", default="tiny", help=" | ".join(models.VIT_SIZES))
     p.add_argument("--img-size", type=int, default=64, help="tile and global-crop size")
     p.add_argument("--local-crops", type=int, default=4, help="local crops per tile (DINOv2: 8)")
@@ -42,76 +41,54 @@ def parse_args(argv=None):
     p.add_argument("--spectral-patch", type=int, default=None, help="ssvit: bands per spectral token (default 2)")
     p.add_argument("--registers", type=int, default=4, help="register tokens (per stream; the study: 4)")
     p.add_argument("--ffn", default="swiglu", choices=["mlp", "swiglu"])
-    p.add_argument("--layerscale", type=float, default=0.0, help="LayerScale init, 0 = off; the study used 1e-5, "
-                   "which keeps every residual branch ~0 (teacher targets uniform) for hundreds of steps")
+    p.add_argument("--layerscale", type=float, default=0.0, help="LayerScale init, 0 = off (the study: 1e-5)")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--prototypes", type=int, default=1024, help="DINO prototypes (DINOv2: 65536; small on CPU)")
     p.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5))
     p.add_argument("--teacher-temp", type=float, default=0.07, help="lower it if training is unstable")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
     p.add_argument("--teacher-temp-warmup-steps", type=int, default=100)
-    p.add_argument("--momentum", type=float, nargs=2, default=None, help="teacher EMA, cosine start/end. Default: "
-                   "min(0.992, max(0.9, 1 - 2 ln(100) / steps)) -> 1, which leaves ~1%% of the random initial teacher in the "
-                   "saved one (printed at start; the probe reads the teacher). DINOv2's 0.992 -> 1 is for 125k "
-                   "iterations: over 300 steps it leaves ~30%%")
-    # The multi-crop (data.MultiCrop), every knob: DINOv2's values where they fit HSI, changed where they do not.
+    p.add_argument("--momentum", type=float, nargs=2, default=None, help="teacher EMA, cosine start/end (default: "
+                   "a start in [0.9, 0.992] set by --steps, -> 1; DINOv2's 0.992 -> 1 is for 125k steps)")
     p.add_argument("--global-scale", type=float, nargs=2, default=(0.32, 1.0), help="global crops' area range")
     p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="local crops' area range")
-    p.add_argument("--brightness", type=float, default=0.2, help="illumination gain jitter (x 1 +- this) of "
-                   "reflectance; scenes without a value_scale (sensor counts) get no spectral jitter. Every jitter "
-                   "is bounded so no band's tile mean moves by more than 0.25 of its within-tile std")
+    p.add_argument("--brightness", type=float, default=0.2, help="illumination gain jitter (x 1 +- this)")
     p.add_argument("--contrast", type=float, default=0.2, help="contrast jitter around each band's tile mean")
     p.add_argument("--band-gain", type=float, default=0.05, help="per-band gain jitter (calibration, atmosphere)")
     p.add_argument("--solarize-p", type=float, default=0.0, help="probability of solarising the second global view "
-                   "(DINOv2: 0.2). Off: it mirrors every normalised band about its mean, erasing whether a band "
-                   "is above or below it, which is what land covers differ by")
+                   "(DINOv2: 0.2; off: it erases whether a band is above or below its mean)")
     p.add_argument("--batch-size", type=int, default=16, help="tiles per process (each gives 2 + --local-crops views)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="linear: lr = blr x global "
-                   "batch / 256 (blr 2e-3 by default); sqrt: DINOv2's rule, lr = blr x sqrt(global batch / 1024) "
-                   "(blr 0.004 by default)")
-    p.add_argument("--blr", type=float, default=None, help="base lr for --lr-scaling (default: linear 2e-3, sqrt 0.004)")
+    p.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="lr = blr x global batch / 256, "
+                   "or blr x sqrt(global batch / 1024) (DINOv2's rule)")
+    p.add_argument("--blr", type=float, default=None, help="base lr (default: linear 2e-3, sqrt 4e-3)")
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="cosine start/end")
-    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=None, help="multi-crop "
-                   "batched on the device while the loader only cuts raw windows (default: on with CUDA): CPU "
-                   "workers cannot feed a GPU")
-    p.add_argument("--any-sensor", action="store_true", help="resample every scene onto one wavelength grid "
-                   "(data.GRID): one network for scenes of any sensor (needs wavelengths_nm)")
+    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=None, help="multi-crop on the "
+                   "device, the loader only cuts windows (default: with CUDA: CPU workers cannot feed a GPU)")
+    p.add_argument("--any-sensor", action="store_true", help="resample every scene onto data.GRID (any sensor)")
     common.add_run_args(p, out="runs/dino")
     args = common.parse_with_preset(p, argv, {k: models.PRESETS[k] for k in ("patch4", "patch2")})
     if args.blr is None:
         args.blr = {"linear": 2e-3, "sqrt": 4e-3}[args.lr_scaling]
-    if args.momentum is None:
-        args.momentum = (auto_momentum(args.steps), 1.0)
+    if args.momentum is None:  # leaves prod(m_t) ~ exp(-(1 - m0) steps / 2) = 1% of the random teacher
+        args.momentum = (round(min(0.992, max(0.9, 1 - 2 * math.log(100) / args.steps)), 4), 1.0)
     return args
 
 
-def auto_momentum(steps, keep=0.01):
-    """The start of a cosine momentum -> 1 schedule that leaves about `keep` of the initial teacher after
-    `steps`: prod(m_t) ~ exp(-(1 - m0) steps / 2), capped at DINOv2's 0.992 for long runs and kept >= 0.9
-    for very short ones (under ~90 steps the teacher then keeps more than `keep`)."""
-    return round(min(0.992, max(0.9, 1 - 2 * math.log(1 / keep) / steps)), 4)
-
-
 def multi_crop(args, datasets):
-    """DINOv2's multi-crop for HSI: local crops half the global size (DINOv2: 98 of 224 px), blur sigmas
-    DINOv2's (0.1, 2.0) for 14 px patches scaled to ours; prints which scenes get no spectral jitter."""
+    """Local crops half the global size (DINOv2: 98 of 224 px); DINOv2's blur sigmas for 14 px patches scaled."""
     crops = data.MultiCrop(args.img_size, args.img_size // 2, args.local_crops, global_scale=tuple(args.global_scale),
                           local_scale=tuple(args.local_scale), brightness=args.brightness, contrast=args.contrast,
-                          band_gain=args.band_gain, spread=JITTER_SPREAD,
-                          blur_sigma=tuple(round(s * args.patch_size / 14, 4) for s in (0.1, 2.0)),
-                          global_solarize_p=(0.0, args.solarize_p))
+                          band_gain=args.band_gain, spread=JITTER_SPREAD, global_solarize_p=(0.0, args.solarize_p),
+                          blur_sigma=tuple(round(s * args.patch_size / 14, 4) for s in (0.1, 2.0)))
     data.jitter_notice(datasets, crops, common.print0)
     return crops
 
 
-# ----------------------------------------------------------------------------- losses
-
 @torch.no_grad()
 def sinkhorn_knopp(logits, temp, iterations=3):
-    """Teacher targets (n, K) whose rows sum to 1 and whose columns sum to n/K over all ranks: equal
-    use of every prototype across the global batch (DINOv2/SwAV)."""
+    """Teacher targets (n, K): rows sum to 1, columns to n/K over all ranks (every prototype used equally)."""
     logits = logits.float()  # a rank may have no rows (no masked token): it still joins every all-reduce
     shift = logits.max() if logits.numel() else logits.new_full((), float("-inf"))
     if dist.is_initialized():
@@ -129,26 +106,19 @@ def sinkhorn_knopp(logits, temp, iterations=3):
 
 
 def cross_entropy(student_logits, teacher_probs, temp):
-    """Per-row -sum(p_teacher * log softmax(student / temp))."""
     return -(teacher_probs * F.log_softmax(student_logits.float() / temp, dim=-1)).sum(-1)
 
 
-def gather_with_grad(x):
-    """All ranks' rows, with gradients flowing to this rank's own rows only."""
-    if not dist.is_initialized():
-        return x, 0
-    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts), dist.get_rank() * x.shape[0]
-
-
 def koleo(features, eps=1e-8):
-    """KoLeo regulariser: -mean log distance of each (L2-normalised) feature to its nearest neighbour,
-    neighbours searched over the global batch so the loss does not depend on how it is split into ranks."""
+    """-mean log distance of each normalised feature to its nearest neighbour in the global batch."""
     with torch.autocast(features.device.type, enabled=False):  # fp32 search and distances under autocast
         x = F.normalize(features.float(), dim=-1, eps=eps)
-        everyone, offset = gather_with_grad(x)
+        everyone, offset = x, 0
+        if dist.is_initialized():  # every rank's rows; gradients flow to this rank's own only
+            parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, x.detach().contiguous())
+            parts[dist.get_rank()] = x
+            everyone, offset = torch.cat(parts), dist.get_rank() * x.shape[0]
         with torch.no_grad():
             sim = x @ everyone.t()
             sim.narrow(1, offset, len(x)).diagonal().fill_(-2)  # not itself
@@ -156,19 +126,15 @@ def koleo(features, eps=1e-8):
         return -torch.log((x - everyone[nearest]).norm(dim=-1) + eps).mean()
 
 
-# ----------------------------------------------------------------------------- model
-
 class Student(nn.Module):
-    """Backbone + one DINO head per stream of the backbone (the ViT has one stream, the spatial-spectral
-    ViT two), shared by DINO and iBOT as in DINOv2. The teacher is an EMA copy of this module."""
+    """Backbone + one DINO head per stream (ssvit has two), shared by DINO and iBOT as in DINOv2."""
 
     def __init__(self, backbone, dino_heads):
         super().__init__()
         self.backbone, self.dino_heads = backbone, nn.ModuleList(dino_heads)
 
     def heads(self, tokens, masks):
-        """Per stream: tokens (n, prefix + N, D), a TokenMask or None -> (CLS (n, D), DINO logits of the
-        CLS (n, K), iBOT logits of the masked tokens (M, K) or None)."""
+        """Per stream: tokens (n, prefix + N, D), TokenMask or None -> (CLS, its DINO logits, iBOT logits or None)."""
         out, P = [], self.backbone.num_prefix
         for s, (t, m) in enumerate(zip(tokens, masks)):
             ibot = None if m is None else self.dino_heads[s](t[:, P:].flatten(0, 1).index_select(0, m.index))
@@ -176,9 +142,8 @@ class Student(nn.Module):
         return out
 
     def forward(self, global_crops, local_crops=None, masks=None):
-        """global_crops (2B, C, G, G), local_crops (nB, C, L, L), a TokenMask (or None) per stream ->
-        per stream: CLS features (2B, D), DINO logits of global (2B, K) and local (nB, K) CLS tokens,
-        iBOT logits of masked tokens (M, K)."""
+        """global_crops (2B, C, G, G), local_crops (nB, C, L, L), a TokenMask or None per stream -> per stream:
+        CLS (2B, D), DINO logits of global (2B, K) and local (nB, K) CLS tokens, iBOT logits (M, K)."""
         masks = masks or [None] * len(self.dino_heads)
         out = self.heads(self.backbone.encode(global_crops, mask=[m and m.bool for m in masks]), masks)
         local = [None] * len(out)
@@ -188,10 +153,8 @@ class Student(nn.Module):
 
 
 class DINOLoss(nn.Module):
-    """DINOv2's objective with its normalisation, per stream and averaged over streams: DINO
-    cross-entropy over (global teacher, other global student) and (global teacher, local student) pairs
-    divided by the number of pairs, iBOT cross-entropy on masked tokens weighted 1 / (masked tokens of
-    that image) and averaged over images, KoLeo on the student's global CLS features of each crop."""
+    """DINOv2's objective and normalisation, averaged over streams: DINO over (teacher, student) crop pairs / pairs,
+    iBOT on masked tokens weighted 1 / (that image's masked tokens), KoLeo on each global crop's CLS."""
 
     def __init__(self, streams=("spatial",)):
         super().__init__()
@@ -214,18 +177,15 @@ class DINOLoss(nn.Module):
         n_local = 0 if s_local is None else s_local.shape[0] // (s_global.shape[0] // 2)
         pairs = 2 + 2 * n_local
         terms = {"dino_global": 2 * cross_entropy(s_global, t_swapped, STUDENT_TEMP).mean() / pairs}
-        loss = terms["dino_global"]
         if n_local:
-            local = sum(cross_entropy(s, t, STUDENT_TEMP).mean() for s in s_local.chunk(n_local)
-                        for t in t_probs.chunk(2))
-            terms["dino_local"] = local / pairs
-            loss = loss + terms["dino_local"]
+            terms["dino_local"] = sum(cross_entropy(s, t, STUDENT_TEMP).mean() for s in s_local.chunk(n_local)
+                                      for t in t_probs.chunk(2)) / pairs
         if s_ibot is not None:
             ce = cross_entropy(s_ibot, sinkhorn_knopp(t_ibot, teacher_temp), STUDENT_TEMP)
             terms["ibot"] = (ce * masks.weight).sum() / masks.bool.shape[0]
-            loss = loss + IBOT_WEIGHT * terms["ibot"]
         terms["koleo"] = sum(koleo(c) for c in cls.chunk(2))
-        loss = loss + KOLEO_WEIGHT * terms["koleo"]
+        loss = (terms["dino_global"] + terms.get("dino_local", 0) + IBOT_WEIGHT * terms.get("ibot", 0)
+                + KOLEO_WEIGHT * terms["koleo"])
         with torch.no_grad():  # diagnostics
             terms["teacher_entropy"] = -(t_probs * t_probs.clamp_min(1e-12).log()).sum(-1).mean()
             s_probs = F.softmax(s_global.float() / STUDENT_TEMP, dim=-1)
@@ -243,15 +203,11 @@ def build(args, in_chans, wavelengths=None, bands=None):
                               drop_path_rate=args.drop_path, mask_token=True, spectral_patch=args.spectral_patch,
                               wavelengths=wavelengths, bands=bands)
     student = Student(backbone, [DINOHead(backbone.embed_dim, args.prototypes) for _ in backbone.streams])
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    return student, teacher.eval()  # eval: the teacher has no stochastic depth
+    return student, copy.deepcopy(student).requires_grad_(False).eval()  # the teacher: no stochastic depth
 
 
 def flops_per_tile(args, student):
-    """Training FLOPs per tile, from the architecture: forward + backward (3 x forward) of the student on
-    2 global and --local-crops local crops with its heads, and the teacher's forward on the 2 global
-    crops; iBOT heads on the expected number of masked tokens."""
+    """Training FLOPs per tile: student forward + backward (3x) on every crop, teacher forward on the global ones."""
     bb, head = student.backbone, student.dino_heads[0]
     head_flops = sum(linear_flops(m, 1) for m in head.mlp if isinstance(m, nn.Linear)) + 2 * head.prototypes.numel()
     spectral = [bb.spectral.num_groups] if len(bb.streams) == 2 else []
@@ -286,20 +242,15 @@ def ema_update(teacher, student, momentum):
 
 
 class TokenMask(NamedTuple):
-    """One stream's iBOT mask on the device: the (n, N) mask, the flat indices of its masked tokens (M,)
-    and their loss weights (M,), 1 / (masked tokens of that image). M may be 0."""
+    """One stream's iBOT mask: (n, N) bool, the flat indices of the M masked tokens, their weights (M may be 0)."""
     bool: torch.Tensor
     index: torch.Tensor
     weight: torch.Tensor
 
 
-MASK_BLOCKS = 10  # rectangles tried per block mask (BEiT: 10 attempts per block)
-
-
 def mask_counts(args, step, world, batch, backbone):
-    """Per stream, how many tokens each crop of the step's global batch masks, (2, world * batch) crop-major:
-    drawn on the host from (seed, step) alone, so one process and several mask the same crops, and the
-    number of masked tokens is known without asking the device."""
+    """Per stream, (2, world * batch) crop-major masked-token counts, drawn on the host from (seed, step): any
+    process count masks the same crops, and the host knows the counts without a device sync."""
     n, ratio, prob = world * batch, tuple(args.mask_ratio), MASK_PROBABILITY
     rng = np.random.default_rng((args.seed, 7, step))
     counts = [np.stack([data.ibot_mask_counts(n, math.prod(backbone.grid), rng, ratio, prob) for _ in range(2)])]
@@ -310,11 +261,8 @@ def mask_counts(args, step, world, batch, backbone):
 
 
 def token_masks(args, step, rank, world, batch, backbone, device):
-    """This rank's iBOT masks for its 2 * batch global crops (crop-major), a TokenMask per stream: block
-    masks over the patches (and random band groups for the spectral stream) built on the device from
-    StepRandom rows of the global batch, with the counts of mask_counts. Always a TokenMask, even with no
-    masked token on this rank, so that every rank runs the same iBOT path: the same collectives, the
-    same loss terms, a (zero) gradient for the mask token and iBOT head."""
+    """This rank's TokenMask per stream (block masks; band groups for the spectral stream), even with no masked
+    token: every rank runs the same collectives, and DDP sees a (zero) gradient for the mask token and iBOT head."""
     rnd = data.StepRandom(args.seed, step, rank, world, batch, device, stream=7)
     out = []
     for s, counts in enumerate(mask_counts(args, step, world, batch, backbone)):
@@ -346,29 +294,25 @@ def train(args, rank, world, device):
     criterion = DINOLoss(student.backbone.streams).to(device)
     lr = common.scaled_lr(args.blr, args.batch_size, world, rule=args.lr_scaling)
     common.print0(f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student params | {in_chans} bands | "
-                  f"lr {lr:.2e} ({args.lr_scaling} scaling of blr {args.blr}, global batch {args.batch_size * world}) | "
-                  f"{dtype} on {device}")
+                  f"lr {lr:.2e} ({args.lr_scaling} scaling of blr {args.blr}, global batch "
+                  f"{args.batch_size * world}) | {dtype} on {device}")
     optimizer = common.adamw(common.decay_groups(student, args.weight_decay[0]), lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    warm_temps = np.linspace(args.warmup_teacher_temp, args.teacher_temp, args.teacher_temp_warmup_steps)
     sched = {"lr": common.cosine_schedule(lr, MIN_LR, args.steps, args.warmup_steps),
              "wd": common.cosine_schedule(args.weight_decay[0], args.weight_decay[1], args.steps),
              "momentum": common.cosine_schedule(args.momentum[0], args.momentum[1], args.steps),
-             "teacher_temp": np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp,
-                                                         args.teacher_temp_warmup_steps),
-                                             np.full(args.steps, args.teacher_temp)])[:args.steps]}
+             "teacher_temp": np.concatenate([warm_temps, np.full(args.steps, args.teacher_temp)])[:args.steps]}
     common.print0(f"teacher momentum {args.momentum[0]} -> {args.momentum[1]} (cosine over {args.steps} steps): the "
                   f"final teacher keeps {initial_teacher_share(sched['momentum']):.1%} of its random initialisation")
     state = dict(student=student, teacher=teacher, criterion=criterion, optimizer=optimizer, scaler=scaler)
     start = common.resume(ckpt_path, rank, student.backbone.config, **state) if args.resume else 0
-    # The mask token and iBOT head get a gradient every step (zero without masked tokens): DDP needs no
-    # unused-parameter search.
     ddp = common.wrap_ddp(student, world)
     ddp = torch.compile(ddp) if args.compile else ddp
     teacher_fn = torch.compile(teacher_forward) if args.compile else teacher_forward
-    crops = multi_crop(args, datasets)
-    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda" and not args.any_sensor
-    batches = data.augmented_batches(datasets, args.img_size, crops, args.seed, args.batch_size, start, rank, world,
-                                     args.workers, device, on_device)
+    on_device = device.type == "cuda" and not args.any_sensor if args.device_augment is None else args.device_augment
+    batches = data.augmented_batches(datasets, args.img_size, multi_crop(args, datasets), args.seed, args.batch_size,
+                                     start, rank, world, args.workers, device, on_device)
     peak, source = common.peak_tflops(device, dtype)
     flops = flops_per_tile(args, student)
     common.print0(f"{flops / 1e9:.2f} GFLOP per tile (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
@@ -381,10 +325,9 @@ def train(args, rank, world, device):
             masks = token_masks(args, step, rank, world, args.batch_size, student.backbone, device)
             common.set_lr(optimizer, sched["lr"][step])
             optimizer.param_groups[0]["weight_decay"] = sched["wd"][step]  # the decayed group
-            temp = float(sched["teacher_temp"][step])
             with common.autocast(device, dtype):
                 teacher_out = teacher_fn(teacher, g, masks)
-                loss, terms = criterion(ddp(g, loc, masks), teacher_out, masks, temp)
+                loss, terms = criterion(ddp(g, loc, masks), teacher_out, masks, float(sched["teacher_temp"][step]))
             scaler.scale(loss).backward()
             if step < args.warmup_steps:  # prototypes frozen while the lr warms up (DINO: the first epoch)
                 for head in student.dino_heads:

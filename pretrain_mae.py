@@ -2,7 +2,6 @@
 and reconstructed), SimMIM for the factorised `sst` (MaskedSST-style: mask tokens, tube masking, L1).
 
     python pretrain_mae.py                                   # small real run on the bundled Indian Pines
-    python pretrain_mae.py --backbone ssvit --out runs/mae_ssvit
     python pretrain_mae.py --backbone sst --spectral-patch 25 --out runs/mim_sst
     python pretrain_mae.py --preset maskedsst --out runs/maskedsst   # MaskedSST's tokens, windows and order
     torchrun --nproc_per_node 2 pretrain_mae.py --out runs/mae2
@@ -28,51 +27,43 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/indian_pines", help="scene folder or WHU-OHS root; comma-separate several")
     p.add_argument("--backbone", default="vit", help="vit | ssvit (spatial-spectral ViT) | sst (MaskedSST-style)")
-    p.add_argument("--size", default="tiny", help=f"{' | '.join(models.VIT_SIZES)} (base = the study's ViT-B; "
-                   "micro = MaskedSST's model)")
+    p.add_argument("--size", default="tiny", help=f"{' | '.join(models.VIT_SIZES)} (micro: MaskedSST's model)")
     p.add_argument("--img-size", type=int, default=64, help="tile size in pixels; tiles are cut, never resized")
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--spectral-patch", type=int, default=None, help="bands per spectral token: ssvit band groups "
                    "(default 2), sst spectral blocks (default 8; bands must divide evenly)")
     p.add_argument("--registers", type=int, default=None, help="register tokens (default: vit 0, ssvit 4 per stream)")
     p.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"])
-    p.add_argument("--init-scheme", default="trunc_normal", choices=models.INIT_SCHEMES, help="Linear-layer init; "
-                   "xavier = MAE's (trunc_normal(0.02) is 2-4x smaller: a random ViT then barely changes its input)")
-    p.add_argument("--pos-embed", default="learned", choices=models.POS_EMBEDS, help="2-D sin-cos patch positions, "
-                   "trained from there or fixed as in MAE's encoder")
-    p.add_argument("--block-order", default="alternating", choices=models.BLOCK_ORDERS, help="sst: alternate spatial "
-                   "and spectral blocks, or all spatial ones first (MaskedSST's reference)")
-    p.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=False,
-                   help="sst: LayerNorms around the blockwise token embedding (MaskedSST's reference)")
+    p.add_argument("--init-scheme", default="trunc_normal", choices=models.INIT_SCHEMES, help="MAE: xavier")
+    p.add_argument("--pos-embed", default="learned", choices=models.POS_EMBEDS, help="sin-cos, trained or fixed (MAE)")
+    p.add_argument("--block-order", default="alternating", choices=models.BLOCK_ORDERS,
+                   help="sst; MaskedSST: spatial-first")
+    p.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=False, help="sst (MaskedSST: on)")
     p.add_argument("--mask-ratio", type=float, default=None, help="share of patches masked (MAE 0.75; sst 0.7)")
     p.add_argument("--spectral-mask-ratio", type=float, default=0.5, help="ssvit: share of band groups dropped")
     p.add_argument("--mask-block", type=int, default=1, help="sst (SimMIM): mask squares of N x N patches "
-                   "(MaskedSST: 4 with 1-pixel patches, which are otherwise filled in from their neighbours)")
-    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="per-patch normalised targets (MAE)")
-    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size (micro 96, tiny 128, small 256, "
-                   "base 512 as MAE). Too small a decoder leaves the reconstruction to the encoder's last blocks")
+                   "(MaskedSST: 4, as 1-pixel patches are otherwise filled in from their neighbours)")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True, help="MAE's per-patch "
+                   "normalised targets")
+    p.add_argument("--decoder-dim", type=int, default=None, help="default by --size (micro 96 ... base 512 as MAE)")
     p.add_argument("--decoder-depth", type=int, default=None, help="default by --size (4; base 8 as MAE)")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--blr", type=float, default=1.5e-3, help="base lr; lr = blr * effective batch / 256. MAE's "
-                   "1.5e-4 is for batch 4096 and 800 epochs; short runs need ~10x more")
+    p.add_argument("--blr", type=float, default=1.5e-3, help="base lr; lr = blr x global batch / 256 (MAE: 1.5e-4 "
+                   "for 800 epochs; short runs need more)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), help="random resized crop area; "
                    "1 1 = none (crops blend neighbouring spectra)")
-    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=None, help="augment batched "
-                   "on the device while the loader only cuts raw windows (default: on with CUDA): CPU workers "
-                   "cannot feed a GPU")
-    p.add_argument("--any-sensor", action="store_true", help="resample every scene onto one wavelength grid "
-                   "(data.GRID): one network for scenes of any sensor (needs wavelengths_nm)")
+    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=None, help="augment on the "
+                   "device, the loader only cuts windows (default: with CUDA: CPU workers cannot feed a GPU)")
+    p.add_argument("--any-sensor", action="store_true", help="resample every scene onto data.GRID (any sensor)")
     common.add_run_args(p, out="runs/mae")
     return common.parse_with_preset(p, argv, PRESETS)
 
 
 def build_model(args, datasets):
-    ds = datasets[0]
-    sst = args.backbone == "sst"
+    ds, sst = datasets[0], args.backbone == "sst"
     encoder = build_backbone(args.backbone, args.size, ds.bands, args.img_size, args.patch_size,
                              num_registers=args.registers, ffn=args.ffn, spectral_patch=args.spectral_patch,
                              wavelengths=ds.input_wavelengths, bands=data.bands_record(datasets), init=args.init_scheme,
@@ -119,12 +110,10 @@ def train(args, rank, world, device):
     start = common.resume(ckpt_path, rank, model.encoder.config, **state) if args.resume else 0
     ddp = common.wrap_ddp(model, world)
     ddp = torch.compile(ddp) if args.compile else ddp
-    crop = None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale)
-    augment = data.Augment(flips=True, crop_scale=crop)
-    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda" and not args.any_sensor
+    augment = data.Augment(flips=True, crop_scale=None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale))
+    on_device = device.type == "cuda" and not args.any_sensor if args.device_augment is None else args.device_augment
     batches = data.augmented_batches(datasets, args.img_size, augment, args.seed, args.batch_size, start, rank, world,
                                      args.workers, device, on_device)
-    bands = data.display_bands(datasets[0])
     peak, source = common.peak_tflops(device, dtype)
     flops = model.flops_per_image()
     common.print0(f"{flops / 1e9:.2f} GFLOP per image (training) | peak {peak or 0:.1f} TFLOP/s ({source})")
@@ -146,7 +135,7 @@ def train(args, rank, world, device):
             stats = logger.scalars(done, stats, images=args.batch_size * world)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.1e}", mfu=f"{stats.get('mfu', 0):.1%}")
         if done % IMAGE_EVERY == 0 and common.is_main():
-            log_reconstructions(logger, model, x, outputs, bands, done)
+            log_reconstructions(logger, model, x, outputs, data.display_bands(datasets[0]), done)
         if save:
             common.save_checkpoint(ckpt_path, done, args, model.encoder.config, ("model", "encoder."), **state)
         if stop:
