@@ -422,7 +422,7 @@ def train(args, rank, world, device):
     ddp = torch.compile(ddp) if args.compile else ddp
     teacher_fn = torch.compile(teacher_forward) if args.compile else teacher_forward
     crops = multi_crop(args, datasets)
-    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda" and not args.any_sensor
+    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda"
     batches = data.augmented_batches(datasets, args.img_size, crops, args.seed, args.batch_size, start, rank, world,
                                      args.workers, device, on_device, args.scene_sampling)
     peak, source = common.peak_tflops(device, dtype)

@@ -135,7 +135,7 @@ def train(args, rank, world, device):
     augment = data.Augment(args.flips, crop, args.brightness, args.contrast, args.band_gain,
                            args.jitter_spread if args.jitter_spread > 0 else None)
     data.jitter_notice(datasets, augment, common.print0)
-    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda" and not args.any_sensor
+    on_device = args.device_augment if args.device_augment is not None else device.type == "cuda"
     batches = data.augmented_batches(datasets, args.img_size, augment, args.seed, args.batch_size, start, rank, world,
                                      args.workers, device, on_device, args.scene_sampling)
     bands = args.rgb_bands or data.display_bands(datasets[0])
