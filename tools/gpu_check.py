@@ -16,8 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-
-import numpy as np
+import traceback
 
 # ----------------------------------------------------------------------------- synthetic WHU-OHS
 
@@ -27,6 +26,7 @@ def synthetic(root, tiles, size, val_tiles=2, block=32, seed=0):
     x 1e4 and label/*.tif (size, size) uint8 classes 1..24. Land-cover blocks of `block` px, each class with
     its own smooth spectrum, under a smooth illumination field, plus noise: a masked patch is predictable
     from its neighbours, so a pre-training loss can fall (on i.i.d. noise it cannot)."""
+    import numpy as np
     import tifffile
     rng = np.random.default_rng(seed)
     wl = np.linspace(0, 1, 32)
@@ -51,11 +51,11 @@ def synthetic(root, tiles, size, val_tiles=2, block=32, seed=0):
 # ----------------------------------------------------------------------------- stop with SIGTERM, resume
 
 def losses(metrics):
-    """[(step, loss)] logged in metrics.jsonl, in order."""
+    """[(step, loss)] logged in metrics.jsonl, in order (a line being written is not read yet)."""
     if not os.path.isfile(metrics):
         return []
     with open(metrics) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+        return [(r["step"], r["loss"]) for r in (json.loads(ln) for ln in f if ln.endswith("\n")) if "loss" in r]
 
 
 def run_until_sigterm(cmd, out, seconds, intervals, log):
@@ -91,6 +91,7 @@ def resume(cmd, seconds, resume_seconds, intervals, fell=0.9):
     the logged losses below `fell` x the first), the run stopped with a checkpoint at the step it logged
     last, the resumed run said so and logged the next interval first, and its loss went on from where it
     had got to (not back to the start). Exactness is tested on CPU (tests/test_pretrain_mae.py, test_gpu_ready.py)."""
+    import numpy as np
     out = cmd[cmd.index("--out") + 1]
     metrics, ckpt = os.path.join(out, "metrics.jsonl"), os.path.join(out, "ckpt.pt")
     os.makedirs(out, exist_ok=True)
@@ -99,14 +100,15 @@ def resume(cmd, seconds, resume_seconds, intervals, fell=0.9):
     stopped = re.search(r"stopped by SIGTERM after step (\d+)", open(os.path.join(out, "run1.log")).read())
     problems = []
     if not first or not stopped or not os.path.isfile(ckpt):
-        sys.exit(f"RESULT: the run did not stop with a checkpoint on SIGTERM (exit {status}, {len(first)} losses logged)")
+        sys.exit(f"RESULT: the run did not stop with a checkpoint on SIGTERM (exit {status}, {len(first)} losses "
+                 "logged)")
     saved = int(stopped.group(1))
     start, end = first[0][1], np.mean([v for _, v in first[len(first) * 2 // 3:]])
     if first[-1][0] != saved:
         problems.append(f"last logged step {first[-1][0]} != checkpoint step {saved}")
     if not end < fell * start:
         problems.append(f"loss did not fall below {fell} x its first value")
-    _, _ = run_until_sigterm(cmd + ["--resume"], out, resume_seconds, 2, os.path.join(out, "run2.log"))
+    run_until_sigterm(cmd + ["--resume"], out, resume_seconds, 2, os.path.join(out, "run2.log"))
     second = losses(metrics)[len(first):]
     every = first[1][0] - first[0][0] if len(first) > 1 else 1
     if f"at step {saved}" not in open(os.path.join(out, "run2.log")).read() or not second:
@@ -165,12 +167,13 @@ def table_rows(part):
     text, kind = read(log), name[len("bench "):name.rfind(" ")]
     cell = lambda s: s.replace("|", "/")[:300]  # noqa: E731 - a log line inside a table cell
     if name.startswith("sync-debug"):
-        found = dict(re.findall(r"^RESULT (\w+): (.*)$", text, re.M))
-        return [(f"{name}: {script}", found[script].split(":")[0].split(" (")[0] if script in found else status, seconds,
-                 "-", "-", "-", cell(found.get(script, result_line(text)))) for script in expect.split()]
-    if name.startswith("bench warm-up"):  # not a measurement: its failure is the timed row's to show
-        return [(f"{name} ({expect})", status.replace("FAILED", "incomplete"), seconds, "-", "-", "-", "wall s = a cold --compile of each model "
-                 "and two steps, beside the untimed parts: no measurement")]
+        found = dict(re.findall(r"^RESULT (\w+): (.*)$", text, re.M))  # one process, a line per script
+        return [(f"{name}: {script}", ("ok" if found[script].startswith("ok") else "FAILED") if script in found
+                 else status, seconds, "-", "-", "-", cell(found.get(script, result_line(text))))
+                for script in expect.split()]
+    if name.startswith("bench warm-up"):  # not a measurement: a compile failure is the timed row's to show
+        return [(f"{name} ({expect})", status.replace("FAILED", "incomplete"), seconds, "-", "-", "-",
+                 "wall s = cold --compile of each model + 2 steps, beside the untimed parts: no measurement")]
     if name.startswith("bench"):
         rows, out = bench_rows(text), []
         for key in expect.split():
@@ -192,8 +195,8 @@ def table_rows(part):
     return [(name, status, seconds, "-", "-", "-", cell(result_line(text)))]
 
 
-ORDER = ("environment", "synthetic", "bench", "loader", "training", "sync-debug")  # the table's order (warm-ups
-# last among the bench rows); parts may finish in another: --smoke runs two at a time
+# The table's order (warm-ups last among the bench rows): parts may finish in another, --smoke runs two at a time.
+ORDER = ("environment", "synthetic", "bench", "loader", "training", "sync-debug")
 
 
 def table(work, out):
@@ -201,10 +204,11 @@ def table(work, out):
     replaced whole: two parts that finish together never interleave their logs."""
     with open(os.path.join(work, "parts.tsv")) as f:
         parts = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    parts.sort(key=lambda p: (next((i for i, o in enumerate(ORDER) if p[0].startswith(o)), len(ORDER)), "warm-up" in p[0]))
+    parts.sort(key=lambda p: (next((i for i, o in enumerate(ORDER) if p[0].startswith(o)), len(ORDER)),
+                              "warm-up" in p[0]))
     env = next((result_line(read(p[3])) for p in parts if p[0] == "environment"), "")
-    lines = [f"GPU check: {env}", "",
-             "| check | status | wall s | img/s (tiles/s) | MFU | peak mem GiB | notes |", "|---|---|---|---|---|---|---|"]
+    lines = [f"GPU check: {env}", "", "| check | status | wall s | img/s (tiles/s) | MFU | peak mem GiB | notes |",
+             "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for part in parts for row in table_rows(part)]
     logs = [f"==== {p[0]}: {p[1]} ({p[2]} s)\n{read(p[3])}" for p in parts]
     for name, text in (("gpu_check.md", "\n".join(lines) + "\n"), ("gpu_check.log", "\n".join(logs))):
@@ -243,8 +247,7 @@ def steps(commands):
             print(f"RESULT {name}: ok ({time.time() - t0:.0f} s)", flush=True)
         except (Exception, SystemExit) as e:
             failed += 1
-            print(f"RESULT {name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
-            import traceback
+            print(f"RESULT {name}: FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", flush=True)
             traceback.print_exc()
     sys.exit(1 if failed else 0)
 

@@ -24,6 +24,7 @@ while (($#)); do
 done
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/gpu_check}
+GIVEN_WORK=${WORK:-}  # kept; without it a temporary folder, removed at the end
 WORK=${WORK:-${TMPDIR:-/tmp}/gpu_check.$$}
 DATA=$WORK/whu
 DEADLINE=$((SECONDS + BUDGET)) MIN_LEFT=20  # a part with less than MIN_LEFT s left is not started
@@ -38,8 +39,8 @@ if [[ $MODE == full ]]; then  # the study's sizes (README "GPU clusters"); bf16 
   DINO=(--size base --batch-size 128 --local-crops 8 --prototypes 65536)
   CONTRAST=()
   SEG=(--size base --batch-size 32)
-  TRAIN=(--seconds 60 --resume-seconds 15 -- torchrun --standalone --nproc_per_node 1 pretrain_mae.py
-         --size base --batch-size 128 --log-every 20)  # blr 1.5e-3: lr 7.5e-4
+  TRAIN=(--seconds 60 --resume-seconds 15 -- $PY -m torch.distributed.run --standalone --nproc_per_node 1
+         pretrain_mae.py --size base --batch-size 128 --log-every 20)  # blr 1.5e-3: lr 7.5e-4
 else  # tiny sizes, a step or two: what the commands do, not how fast
   TILES="--tiles 4 --size 96"
   BENCH=(--size micro --batch-size 2)
@@ -50,7 +51,8 @@ else  # tiny sizes, a step or two: what the commands do, not how fast
         --head-bottleneck 16)
   CONTRAST=(--width 16 --depth 2)
   SEG=(--size micro --batch-size 2 --img-size 32)
-  TRAIN=(--seconds 0 --resume-seconds 0 --intervals 8 -- torchrun --standalone --nproc_per_node 1 pretrain_mae.py
+  TRAIN=(--seconds 0 --resume-seconds 0 --intervals 8 -- $PY -m torch.distributed.run --standalone --nproc_per_node 1
+         pretrain_mae.py
          --size micro --batch-size 8 --img-size 32 --blr 0.02 --warmup-steps 5 --log-every 5)
 fi
 
@@ -87,8 +89,10 @@ part() {  # NAME LIMIT ROWS CMD...: CMD under min(LIMIT, what is left of the bud
   local rc=$?
   case $rc in
     0) status=ok ;;
-    124 | 137) if ((cut)); then status="stopped at the end of the $BUDGET s budget"; else status="FAILED (timeout $limit s)"; fi ;;
-    143) if [[ -e $WORK/stop ]]; then status="stopped: the untimed parts were done"; else status="FAILED (SIGTERM)"; fi ;;
+    124 | 137) status="FAILED (timeout $limit s)"
+      ((cut)) && status="stopped at the end of the $BUDGET s budget" ;;
+    143) status="FAILED (SIGTERM)"
+      [[ -e $WORK/stop ]] && status="stopped: the untimed parts were done" ;;
     *) status="FAILED (exit $rc)" ;;
   esac
   record "$name" "$status" $((SECONDS - t0)) "$log" "$rows"
@@ -129,7 +133,9 @@ declare -A ROWS=([mae]="mae/vit mae/sst" [dino]="dino/vit dino/ssvit" [seg]="seg
 
 # A cold torch.compile of a ViT-B takes a minute or more: two lanes fill the compile caches while the untimed
 # parts run, and the timed --compile rows later find them warm.
-warm_up_mae_seg() { for t in mae seg; do [[ -e $WORK/stop ]] || bench warm-up $t 240 --compile --steps 1 --warmup 1; done; }
+warm_up_mae_seg() {
+  for t in mae seg; do [[ -e $WORK/stop ]] || bench warm-up $t 240 --compile --steps 1 --warmup 1; done
+}
 warm_up_dino() { bench warm-up dino 240 --compile --steps 1 --warmup 1; }
 
 loaders() {
@@ -144,6 +150,7 @@ eager_and_loaders() {
 }
 
 main() {
+  [[ -z $GIVEN_WORK ]] && ((!DRY)) && trap 'rm -rf "$WORK"' EXIT
   ((DRY)) && echo "# $MODE run, budget $BUDGET s (each limit below is cut to what is left of it); OUT=$OUT WORK=$WORK"
   part environment 60 "" $PY tools/gpu_check.py env
   if [[ $MODE == full ]]; then background warm_up_mae_seg; background warm_up_dino; fi
@@ -167,7 +174,7 @@ main() {
     bench "$DTYPE compile" seg 150 "${STEPS[@]}" --compile
   else
     ((DRY)) || wait "${LANES[@]}"
-    for t in mae dino seg; do skip "bench $DTYPE compile $t" "${ROWS[$t]}" "--smoke does not compile (minutes on a CPU)"; done
+    for t in mae dino seg; do skip "bench $DTYPE compile $t" "${ROWS[$t]}" "--smoke compiles nothing (minutes on a CPU)"; done
   fi
   ((DRY)) && return 0
   echo "$(date +%T) $SECONDS s of the $BUDGET s budget; table: $OUT/gpu_check.md, logs: $OUT/gpu_check.log"
