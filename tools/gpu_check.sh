@@ -52,8 +52,7 @@ else  # tiny sizes, a step or two: what the commands do, not how fast
   CONTRAST=(--width 16 --depth 2)
   SEG=(--size micro --batch-size 2 --img-size 32)
   TRAIN=(--seconds 0 --resume-seconds 0 --intervals 8 -- $PY -m torch.distributed.run --standalone --nproc_per_node 1
-         pretrain_mae.py
-         --size micro --batch-size 8 --img-size 32 --blr 0.02 --warmup-steps 5 --log-every 5)
+         pretrain_mae.py --size micro --batch-size 8 --img-size 32 --blr 0.02 --warmup-steps 5 --log-every 5)
 fi
 
 # ----------------------------------------------------------------------------- running a part
