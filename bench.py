@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--loader", action="store_true", help="measure the data pipeline instead (needs --data)")
     p.add_argument("--any-sensor", action="store_true", help="--loader: read --data through the wavelength grid "
-                   "(several sensors mixed in every batch; per tile in the workers only)")
+                   "(several sensors mixed in every batch)")
     p.add_argument("--data", default="data/indian_pines")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     common.add_debug_arg(p)
@@ -198,7 +198,7 @@ def bench_loader(args):
     print("| pipeline | augmented | workers | tiles/s |")
     print("|---|---|---|---|")
     raw = data.RandomTiles(datasets, 64, 0, labels=False, raw=True)
-    for workers in [] if args.any_sensor else args.workers:  # the workers' part with --device-augment
+    for workers in args.workers:  # the workers' part with --device-augment
         batches = iter(data.StepLoader(raw, B, 0, 0, 1, workers, device))
         next(batches)
         t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def bench_loader(args):
         print(f"| raw windows only (the workers' part with --device-augment) | - | {workers} | "
               f"{args.steps * 4 * B / (time.perf_counter() - t0):.0f} |", flush=True)
     for name, augment in views.items():
-        for on_device in (False,) if args.any_sensor else (False, True):  # the device path does not resample
+        for on_device in (False, True):
             for workers in args.workers:
                 batches = data.augmented_batches(datasets, 64, augment, 0, B, 0, 0, 1, workers, device, on_device)
                 next(batches)  # workers started

@@ -963,6 +963,7 @@ class RandomTiles(torch.utils.data.Dataset):
         if raw and (min_labelled or labels):
             raise ValueError("RandomTiles(raw=True) cuts unlabelled windows: pass labels=False, min_labelled=0")
         self.transport = transport_dtype(datasets) if raw else None
+        self.bands = max(ds.raw_bands for ds in datasets)  # raw windows: every sensor's padded to the most
         self.index = [(d, r) for d, ds in enumerate(datasets) for r in range(len(ds.rasters))]
         areas = np.array([np.prod(datasets[d].rasters[r].image.shape[1:]) for d, r in self.index], float)
         self.cum = np.cumsum(areas / areas.sum())
@@ -979,6 +980,8 @@ class RandomTiles(torch.utils.data.Dataset):
             y, x = int(rng.integers(max(H - self.size, 0) + 1)), int(rng.integers(max(W - self.size, 0) + 1))
             if self.raw:
                 window, extent = ds.raw_window(r, y, x, self.size, self.transport)
+                if len(window) < self.bands:  # with copies of the last band: see DeviceNormalize
+                    window = np.concatenate([window, np.repeat(window[-1:], self.bands - len(window), 0)])
                 return torch.from_numpy(window), torch.tensor([d, *extent], dtype=torch.int32)
             img, lab = ds.crop(r, y, x, self.size, self.size)
             if (lab != IGNORE_INDEX).sum() >= self.min_labelled:
@@ -1141,15 +1144,19 @@ class DeviceNormalize:
     """HSIDataset.crop's and normalize's arithmetic, bit for bit, on the device. physical: raw windows
     (B, C, S, S) and their info (B, 5) (dataset, valid extent) -> float32 in physical units, invalid pixels
     (nodata, NaN, fill, past the border) at the band means; calling it: (x - mean) / std per band with each
-    sample's dataset's statistics."""
+    sample's dataset's statistics, then its projection (the wavelength grid's resampling, or PCA) as one
+    batched matmul (equal up to float rounding). Sensors with fewer bands than the most arrive padded with
+    copies of their last band (RandomTiles): those get zero weight, and copies change none of the cross-band
+    reductions on the way (the validity mask's any, the contrast bound's min)."""
 
     def __init__(self, datasets, device):
-        if any(ds.pca is not None or ds.grid is not None for ds in datasets):
-            raise DataError("batched device-side augmentation does not project bands (PCA, --any-sensor's "
-                            "wavelength grid); augment in the loader (--no-device-augment)")
         on = lambda values, dtype=torch.float32: torch.tensor(np.asarray(values), dtype=dtype, device=device)  # noqa
-        self.mean = on(np.stack([ds.mean for ds in datasets]))  # (D, C)
-        self.inv_std = on(np.stack([1 / ds.std for ds in datasets]))
+        C = max(ds.raw_bands for ds in datasets)
+        pad = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, C - a.shape[-1])])  # noqa: E731 - zero weight
+        self.mean = on(np.stack([pad(ds.mean) for ds in datasets]))  # (D, C)
+        self.inv_std = on(np.stack([pad(1 / ds.std) for ds in datasets]))
+        projections = [ds.pca if ds.pca is not None else ds.grid_matrix for ds in datasets]
+        self.projection = None if projections[0] is None else on(np.stack([pad(p) for p in projections]))
         self.scale = on([ds.value_scale or 1.0 for ds in datasets])
         self.reflectance = on([ds.value_scale is not None for ds in datasets], torch.bool)  # else raw counts
         self.nodata = on([np.nan if ds.nodata is None else ds.nodata for ds in datasets])  # NaN: never equal
@@ -1184,7 +1191,11 @@ class DeviceNormalize:
 
     def __call__(self, x, d):
         d = d.long()
-        return (x - self.mean[d][:, :, None, None]) * self.inv_std[d][:, :, None, None]
+        x = (x - self.mean[d][:, :, None, None]) * self.inv_std[d][:, :, None, None]
+        if self.projection is None:
+            return x
+        P = self.projection[d] if len(self.projection) > 1 else self.projection[0]  # (N, G, C), or one for all
+        return (P @ x.flatten(2)).unflatten(2, x.shape[-2:])
 
 
 class StepRandom:

@@ -310,7 +310,7 @@ def train(args, rank, world, device):
     ddp = common.wrap_ddp(student, world)
     ddp = torch.compile(ddp) if args.compile else ddp
     teacher_fn = torch.compile(teacher_forward) if args.compile else teacher_forward
-    on_device = device.type == "cuda" and not args.any_sensor if args.device_augment is None else args.device_augment
+    on_device = device.type == "cuda" if args.device_augment is None else args.device_augment
     batches = data.augmented_batches(datasets, args.img_size, multi_crop(args, datasets), args.seed, args.batch_size,
                                      start, rank, world, args.workers, device, on_device)
     peak, source = common.peak_tflops(device, dtype)

@@ -111,7 +111,7 @@ def train(args, rank, world, device):
     ddp = common.wrap_ddp(model, world)
     ddp = torch.compile(ddp) if args.compile else ddp
     augment = data.Augment(flips=True, crop_scale=None if tuple(args.crop_scale) == (1, 1) else tuple(args.crop_scale))
-    on_device = device.type == "cuda" and not args.any_sensor if args.device_augment is None else args.device_augment
+    on_device = device.type == "cuda" if args.device_augment is None else args.device_augment
     batches = data.augmented_batches(datasets, args.img_size, augment, args.seed, args.batch_size, start, rank, world,
                                      args.workers, device, on_device)
     peak, source = common.peak_tflops(device, dtype)

@@ -82,7 +82,8 @@ def three_sensors(tmp_path):
 
 
 @pytest.mark.parametrize("backbone", [["--backbone", "sst", "--spectral-patch", "24"],
-                                      ["--backbone", "ssvit", "--spectral-patch", "24"]])
+                                      ["--backbone", "ssvit", "--spectral-patch", "24"],
+                                      ["--backbone", "ssvit", "--spectral-patch", "24", "--device-augment"]])
 def test_one_model_three_sensors_resumes_exactly(tmp_path, cache_dir, monkeypatch, backbone):
     """Three sensors in one run, mixed within every batch: bit-for-bit resume, and the checkpoint
     records each sensor's wavelengths."""

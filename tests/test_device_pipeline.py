@@ -12,6 +12,7 @@ import torch
 import data
 import pretrain_dino
 from conftest import write_scene, write_whu
+from test_any_sensor import SENSORS
 
 CPU = torch.device("cpu")
 
@@ -49,6 +50,44 @@ def test_raw_windows_finished_on_the_device_equal_crop_and_normalize(tmp_path, c
         expected = torch.stack([cpu_tiles[i][0] for i in range(12)])
         got = normalize(normalize.physical(windows, info), info[:, 0])
         assert torch.equal(got, expected), spec
+
+
+def test_any_sensor_windows_resampled_on_the_device_equal_crop_and_normalize(tmp_path, cache_dir):
+    """--any-sensor on the device: sensors of 12, 20 and 90 bands mixed in a batch travel padded to 90 bands
+    and are resampled onto the grid batched; per tile, crop() and normalize() give the same, up to float
+    rounding. Sensor a (padded) has nodata 0 and windows past its border: padding with zeros would mark
+    all of its pixels invalid. A PCA projection goes the same way."""
+    wl = {n: [float(w) for w in SENSORS[n]] for n in "abc"}
+    a = write_scene(tmp_path / "a", bands=12, size=12, nodata=0, wavelengths_nm=wl["a"])
+    img = tifffile.imread(os.path.join(a, "image.tif"))
+    img[:, :3, :3] = 0
+    tifffile.imwrite(os.path.join(a, "image.tif"), img)
+    spec = ",".join([a] + [write_scene(tmp_path / n, bands=len(wl[n]), size=24, wavelengths_nm=wl[n]) for n in "bc"])
+    datasets = data.load_datasets(spec, "tr", cache_dir, data.ANY_SENSOR)
+    pca = data.load_dataset(write_scene(tmp_path / "p", bands=8, size=24), cache_dir=cache_dir)
+    pca.pca = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    for sets, bands in ((datasets, 216), ([pca], 3)):
+        raw_tiles = data.RandomTiles(sets, 16, 3, labels=False, raw=True, sampling="uniform")
+        cpu_tiles = data.RandomTiles(sets, 16, 3, labels=False, sampling="uniform")
+        windows, info = (torch.stack(t) for t in zip(*(raw_tiles[i] for i in range(24))))
+        assert set(info[:, 0].tolist()) == set(range(len(sets)))
+        assert windows.shape[1] == max(ds.raw_bands for ds in sets)
+        normalize = data.DeviceNormalize(sets, CPU)
+        got = normalize(normalize.physical(windows, info), info[:, 0])
+        expected = torch.stack([cpu_tiles[i][0] for i in range(24)])
+        assert got.shape == (24, bands, 16, 16)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_band_copies_leave_the_jitter_of_the_real_bands_unchanged():
+    """The padding of a sensor with fewer bands (copies of its last band) changes nothing in the spectral
+    jitter of its real bands: the contrast bound is a min over bands (zeros would force it to 0)."""
+    x = 0.1 + torch.rand(6, 5, 8, 8)
+    padded = torch.cat([x, x[:, -1:].expand(-1, 3, -1, -1)], 1)
+    u, apply = torch.rand(6, 2 + 8), torch.ones(6, dtype=torch.bool)
+    for spread in (None, 0.25):
+        torch.testing.assert_close(data.batch_jitter(padded, u, 0.2, 0.5, 0.05, apply, spread)[:, :5],
+                                   data.batch_jitter(x, u[:, :7], 0.2, 0.5, 0.05, apply, spread))
 
 
 # ----------------------------------------------------------------------------- augmentations
