@@ -55,21 +55,22 @@ def parse_args(argv=None):
 
 
 def parse_configs(specs, twins):
-    """['name: flags', ...] -> {name: [flags]} in order, plus {name: its reference's name}."""
+    """['name: flags', ...] -> {name: [flags]} in order, plus {name: [its references' names]}."""
     configs, pairs = {}, {}
     for spec in specs:
         head, sep, flags = spec.partition(":")
         name, _, reference = (part.strip() for part in head.partition(" vs "))
-        if not sep or not re.fullmatch(r"[\w.+-]+", name) or (reference and not re.fullmatch(r"[\w.+-]+", reference)):
-            raise ValueError(f"--config {spec!r}: expected 'name: flags' or 'name vs reference: flags', names of "
-                             "letters, digits, ._+-")
+        refs = [r.strip() for r in reference.split(",")] if reference else []
+        if not sep or not all(re.fullmatch(r"[\w.+-]+", n) for n in [name, *refs]):
+            raise ValueError(f"--config {spec!r}: expected 'name: flags' or 'name vs reference[, another]: flags', "
+                             "names of letters, digits, ._+-")
         if name in configs:
             raise ValueError(f"--config: the name {name!r} is used twice")
         configs[name] = shlex.split(flags)
-        if reference:
-            pairs[name] = reference
+        if refs:  # a semi-supervised row: its supervised run of the same steps, and the one of the same compute
+            pairs[name] = refs
         elif twins and "--init" in configs[name] and "--twin" not in configs[name]:
-            configs[f"{name}-twin"], pairs[name] = configs[name] + ["--twin"], f"{name}-twin"  # next to its row
+            configs[f"{name}-twin"], pairs[name] = configs[name] + ["--twin"], [f"{name}-twin"]  # next to its row
     return configs, pairs
 
 
@@ -188,7 +189,8 @@ def write_results(args, argv, base, configs, pairs, results):
         metrics = METRICS + tuple(k for k in REGION_METRICS if seeds and all(k in by_seed[s] for s in seeds))
         rows.append({"name": name, "init": flags[flags.index("--init") + 1] if "--init" in flags else None,
                      "twin": "--twin" in flags, "labels": label, "mode": mode,
-                     "reference": pairs.get(name) or (args.reference if name != args.reference else None),
+                     "reference": (pairs.get(name) or [None])[0] or (args.reference if name != args.reference else None),
+                     **({"also": pairs[name][1:]} if len(pairs.get(name, [])) > 1 else {}),
                      "split_seeds": seeds, **{k: [by_seed[s][k] for s in seeds] for k in metrics},
                      "seconds": [by_seed[s]["seconds"] for s in seeds],
                      "command": by_seed[seeds[0]]["command"] if seeds else None})
@@ -196,7 +198,13 @@ def write_results(args, argv, base, configs, pairs, results):
     made_by = [a for a in (argv or sys.argv[1:]) if a != "--collect"]  # the command that makes the cells
     summary = {"study": args.study, "command": command_line("compare.py", made_by),
                "units": "percent (kappa x 100); per-seed lists follow split_seeds", "rows": rows}
-    for ext, text in ((".json", json.dumps(summary, indent=1)), (".md", f"`{summary['command']}`\n\n{table(rows)}\n")):
+    notes = ""  # a "## Notes" section written by hand below the table survives the rewrite
+    if os.path.isfile(base + ".md"):
+        with open(base + ".md") as f:
+            old = f.read()
+        notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""
+    md = f"`{summary['command']}`\n\n{table(rows)}\n{notes}"
+    for ext, text in ((".json", json.dumps(summary, indent=1)), (".md", md)):
         with open(base + ext + ".tmp", "w") as f:
             f.write(text)
         os.replace(base + ext + ".tmp", base + ext)
@@ -210,13 +218,13 @@ def table(rows):
     header = ["row", "mode", "labels", "seeds", "OA", "AA", "mIoU", "kappa x100", "reference", "ΔOA paired",
               "ΔmIoU paired", "wins (OA)"] + (["boundary OA", "Δboundary OA paired"] if regions else [])
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for r in rows:
-        ref = index.get((r["reference"], r["mode"], r["labels"]))
+    for r, reference in ((r, ref) for r in rows for ref in [r["reference"], *r.get("also", [])]):
+        ref = index.get((reference, r["mode"], r["labels"]))
         d = {k: paired(dict(zip(r["split_seeds"], r[k])), dict(zip(ref["split_seeds"], ref[k])))
              for k in ("oa", "miou", "boundary_oa") if ref is not None and k in r and k in ref}
         oa, miou, edge = (f"{d[k][0]:+.2f} ± {d[k][1]:.2f}" if k in d else "-" for k in ("oa", "miou", "boundary_oa"))
         row = [r["name"], r["mode"], r["labels"], str(len(r["split_seeds"]))] + [mean_std(r[k]) for k in METRICS]
-        row += [r["reference"] or "-", oa, miou, f"{d['oa'][2]}/{d['oa'][3]}" if "oa" in d else "-"]
+        row += [reference or "-", oa, miou, f"{d['oa'][2]}/{d['oa'][3]}" if "oa" in d else "-"]
         if regions:
             row += [mean_std(r["boundary_oa"]) if "boundary_oa" in r else "-", edge]
         lines.append("| " + " | ".join(row) + " |")
@@ -227,7 +235,7 @@ def main(argv=None):
     args = parse_args(argv)
     args.budget = args.budget or ["5/class", "10/class"]
     configs, pairs = parse_configs(args.config, args.twins)
-    for ref in [args.reference] + list(pairs.values()):
+    for ref in [args.reference] + [r for refs in pairs.values() for r in refs]:
         if ref and ref not in configs:
             raise ValueError(f"reference {ref!r} is not a configuration ({', '.join(configs)})")
     todo = cells(args, configs)
