@@ -712,7 +712,6 @@ def parse_args(argv=None):
     p.add_argument("--class-names", default=None, help="comma-separated, or a text file with one name per line")
     p.add_argument("--sensor", default=None)
     p.add_argument("--force", action="store_true", help="replace the scene already in --out")
-    p.add_argument("--cache-dir", default=None, help="where the check after writing caches statistics")
     common.add_debug_arg(p)
     return p.parse_args(argv)
 
@@ -734,7 +733,7 @@ def main(argv=None):
     masked = meta["source"].get("masked_pixels")
     if masked:
         print(f"{args.out}: quality layers set to nodata: " + ", ".join(f"{k} {v} px" for k, v in masked.items()))
-    ds = data.load_dataset(args.out, cache_dir=args.cache_dir)  # checks the scene and reports dropped bands
+    ds = data.load_dataset(args.out)  # checks the scene and reports dropped bands
     H, W = ds.rasters[0].image.shape[1:]
     labelled = 0 if ds.rasters[0].label is None else int((np.asarray(ds.rasters[0].label) > 0).sum())
     wl = f", {ds.wavelengths[0]:.0f}-{ds.wavelengths[-1]:.0f} nm" if ds.wavelengths else ", wavelengths unknown"

@@ -1,5 +1,6 @@
-"""Bring your own scene: the ENVI / MATLAB / GeoTIFF readers and the converter of formats.py, their
-errors, and a converted product with dead and bad bands that trains, evaluates and reads the next product."""
+"""formats.py: the ENVI / MATLAB / GeoTIFF readers, EnMAP L2A, PRISMA L2D and EMIT L2A products as distributed,
+the converter and its errors, and a converted product with dead and bad bands that trains, evaluates and reads
+the next product."""
 import json
 import os
 import sys
@@ -77,7 +78,7 @@ def test_envi_round_trip(tmp_path, cache_dir, interleave, byteorder):
     assert isinstance(image, np.memmap)  # read in place, never loaded whole
     np.testing.assert_array_equal(image, cube)
     np.save(tmp_path / "gt.npy", gt)
-    formats.main([hdr, "--gt", str(tmp_path / "gt.npy"), "--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
+    formats.main([hdr, "--gt", str(tmp_path / "gt.npy"), "--out", str(tmp_path / "out")])
     written = tifffile.imread(tmp_path / "out" / "image.tif")
     assert written.dtype == cube.dtype and written.dtype.isnative
     np.testing.assert_array_equal(written, cube)
@@ -142,14 +143,14 @@ def test_envi_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- MATLAB
 
-def test_mat_v5_round_trip(tmp_path, cache_dir):
+def test_mat_v5_round_trip(tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     cube, gt = cube_and_gt(dtype=np.uint16)
     scipy_io.savemat(tmp_path / "Indian_pines_corrected.mat", {"indian_pines_corrected": cube.transpose(1, 2, 0)})
     scipy_io.savemat(tmp_path / "Indian_pines_gt.mat", {"indian_pines_gt": gt.astype(np.float64)})  # doubles, as often
     out = tmp_path / "ip"
     ds = formats.main([str(tmp_path / "Indian_pines_corrected.mat"), "--gt", str(tmp_path / "Indian_pines_gt.mat"),
-                       "--out", str(out), "--class-names", "a,b,c", "--cache-dir", cache_dir])
+                       "--out", str(out), "--class-names", "a,b,c"])
     np.testing.assert_array_equal(tifffile.imread(out / "image.tif"), cube)
     written_gt = tifffile.imread(out / "gt.tif")
     assert written_gt.dtype == np.uint8
@@ -157,13 +158,13 @@ def test_mat_v5_round_trip(tmp_path, cache_dir):
     assert ds.num_classes == 3 and ds.class_names == ["a", "b", "c"] and ds.raw_bands == 6
 
 
-def test_mat_v73_round_trip(tmp_path, cache_dir):
+def test_mat_v73_round_trip(tmp_path):
     cube, gt = cube_and_gt(dtype=np.float32)
     cube[1, 2, 3] = np.nan
     path = write_mat73(tmp_path / "houston.mat", {"hsi": cube.transpose(1, 2, 0), "labels": gt.astype(np.float64)})
     image, _ = formats.read_image(f"{path}:hsi")
     np.testing.assert_array_equal(image, cube)
-    formats.main([path, "--gt", f"{path}:labels", "--out", str(tmp_path / "h"), "--cache-dir", cache_dir])
+    formats.main([path, "--gt", f"{path}:labels", "--out", str(tmp_path / "h")])
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "h" / "image.tif"), cube)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "h" / "gt.tif"), gt)
 
@@ -239,10 +240,9 @@ def write_enmap_like(folder, seed=0, dead=(3, 4), size=24, bands=8):
     return stem + "-SPECTRAL_IMAGE.TIF", os.path.join(folder, "labels.tif"), cube, gt
 
 
-def test_enmap_like_geotiff_converts_and_drops_its_dead_bands(tmp_path, cache_dir, capsys):
+def test_enmap_like_geotiff_converts_and_drops_its_dead_bands(tmp_path, capsys):
     src, labels, cube, gt = write_enmap_like(tmp_path / "enmap")
-    ds = formats.main([src, "--gt", labels, "--value-scale", "1e-4", "--bad-bands", "0", "--out", str(tmp_path / "s"),
-                       "--cache-dir", cache_dir])
+    ds = formats.main([src, "--gt", labels, "--value-scale", "1e-4", "--bad-bands", "0", "--out", str(tmp_path / "s")])
     meta = json.load(open(tmp_path / "s" / "meta.json"))
     assert meta["nodata"] == -32768 and meta["bad_bands"] == [0] and meta["fwhm_nm"] == [7.5] * 8
     assert meta["wavelengths_nm"][:2] == [420.0, 670.0]
@@ -257,7 +257,7 @@ def test_enmap_like_geotiff_converts_and_drops_its_dead_bands(tmp_path, cache_di
     assert x.shape == (5, 24, 24) and (y[:2] == IGNORE_INDEX).all() and (y[2:] == gt[2:].astype(int) - 1).all()
 
 
-def test_converter_errors(tmp_path, cache_dir):
+def test_converter_errors(tmp_path):
     cube, gt = cube_and_gt(bands=4)
     hdr = write_envi(tmp_path / "s.img", cube)
     np.save(tmp_path / "gt.npy", gt[:, :10])
@@ -280,19 +280,19 @@ def test_converter_errors(tmp_path, cache_dir):
 
 # ----------------------------------------------------------------------------- training on a product with dead bands
 
-def test_product_with_dead_and_bad_bands_trains_evaluates_and_reads_the_next_product(tmp_path, cache_dir, capsys):
+def test_product_with_dead_and_bad_bands_trains_evaluates_and_reads_the_next_product(tmp_path, capsys):
     src, labels, _, _ = write_enmap_like(tmp_path / "p1")
     scene = str(tmp_path / "scene1")
-    formats.main([src, "--gt", labels, "--value-scale", "1e-4", "--bad-bands", "0", "--out", scene, "--cache-dir", cache_dir])
+    formats.main([src, "--gt", labels, "--value-scale", "1e-4", "--bad-bands", "0", "--out", scene])
     pre = tmp_path / "mae"
-    pretrain_mae.main(["--data", scene, "--out", str(pre), "--cache-dir", cache_dir, "--steps", "2", "--img-size", "16",
-                       "--batch-size", "2", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
-                       "--workers", "0", "--backbone", "ssvit", "--spectral-patch", "1"])
+    pretrain_mae.main(["--data", scene, "--out", str(pre), "--steps", "2", "--img-size", "16",
+                       "--batch-size", "2", "--decoder-dim", "32", "--decoder-depth", "1",
+                       "--workers", "0", "--backbone", "ssvit", "--spectral-patch", "1", "--size", "micro"])
     bands = torch.load(pre / "ckpt.pt", weights_only=False)["backbone"]["bands"]
     assert bands["ids"] == [1, 2, 5, 6, 7] and bands["wavelengths"] == [670.0, 920.0, 1670.0, 1920.0, 2170.0]
     out = tmp_path / "ft"
-    seg = ["--data", scene, "--out", str(out), "--cache-dir", cache_dir, "--img-size", "16", "--batch-size", "4",
-           "--steps", "3", "--eval-every", "3", "--eval-batch-size", "8", "--workers", "0", "--labels-per-class", "5"]
+    seg = ["--data", scene, "--out", str(out), "--img-size", "16", "--batch-size", "4",
+           "--steps", "3", "--eval-every", "3", "--workers", "0", "--labels-per-class", "5"]
     finetune_seg.main([*seg, "--init", str(pre / "ckpt.pt")])
     assert torch.load(out / "ckpt.pt", weights_only=False)["backbone"]["bands"] == bands
     m = evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--pictures", "1"])
@@ -301,7 +301,7 @@ def test_product_with_dead_and_bad_bands_trains_evaluates_and_reads_the_next_pro
     # checkpoint's five bands, not its own seven.
     src2, labels2, _, _ = write_enmap_like(tmp_path / "p2", seed=1, dead=(3,))
     scene2 = str(tmp_path / "scene2")
-    formats.main([src2, "--gt", labels2, "--value-scale", "1e-4", "--out", scene2, "--cache-dir", cache_dir])
+    formats.main([src2, "--gt", labels2, "--value-scale", "1e-4", "--out", scene2])
     capsys.readouterr()
     m2 = evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--data", scene2, "--out", str(tmp_path / "e2")])
     assert m2["pixels"] == m["pixels"]
@@ -310,7 +310,7 @@ def test_product_with_dead_and_bad_bands_trains_evaluates_and_reads_the_next_pro
     # A product where a band the checkpoint reads is dead cannot be read with it.
     src3, labels3, _, _ = write_enmap_like(tmp_path / "p3", seed=2, dead=(3, 4, 5))
     scene3 = str(tmp_path / "scene3")
-    formats.main([src3, "--gt", labels3, "--out", scene3, "--cache-dir", cache_dir])
+    formats.main([src3, "--gt", labels3, "--out", scene3])
     with pytest.raises(DataError, match=r"scene3: band 5 \(1670 nm\) has no valid value here .*checkpoint's band list"):
         evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--data", scene3, "--out", str(tmp_path / "e3")])
     # Resuming after bad_bands changed names the difference.
@@ -460,12 +460,12 @@ def valid_pixels(ds):
     return np.ones((H, W), bool) if valid is None else valid
 
 
-def test_enmap_l2a_product_folder_scale_bands_and_quality_layers(tmp_path, cache_dir, capsys):
+def test_enmap_l2a_product_folder_scale_bands_and_quality_layers(tmp_path, capsys):
     folder, cube, flagged = write_enmap_l2a(tmp_path / ENMAP_STEM)
     out = tmp_path / "enmap"
     with warnings.catch_warnings(record=True) as caught:  # tifffile's "reading value from closed file" is gone
         warnings.simplefilter("always")
-        ds = formats.main([folder, "--out", str(out), "--cache-dir", cache_dir])
+        ds = formats.main([folder, "--out", str(out)])
     assert [str(w.message) for w in caught if "closed file" in str(w.message)] == []
     meta = json.load(open(out / "meta.json"))
     assert meta["value_scale"] == pytest.approx(1e-4) and meta["nodata"] == -32768 and meta["sensor"] == "EnMAP"
@@ -483,7 +483,7 @@ def test_enmap_l2a_product_folder_scale_bands_and_quality_layers(tmp_path, cache
     only_cloud = formats.convert(folder, str(tmp_path / "cloud"), masks=["cloud"])
     assert only_cloud["source"]["masked_pixels"] == {"cloud": 2}
     assert (tifffile.imread(tmp_path / "cloud" / "image.tif")[:, 1, 1:3] == -32768).all()
-    formats.main([folder, "--masks", "none", "--out", str(tmp_path / "none"), "--cache-dir", cache_dir])
+    formats.main([folder, "--masks", "none", "--out", str(tmp_path / "none")])
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "none" / "image.tif"), cube)
     with pytest.raises(ValueError, match="--masks: unknown quality layer 'cirrus'; choose from cloud, cloudshadow"):
         formats.convert(folder, str(tmp_path / "x"), masks=["cirrus"])
@@ -509,9 +509,9 @@ def test_enmap_geotiff_alone_and_per_band_gains(tmp_path, cache_dir):
     assert ds.band_ids == [0, 1, 2, 3, 6, 7] and ds.mean[-1] == pytest.approx(np.nanmean(expected[7]), rel=1e-5)
 
 
-def test_prisma_l2d_joins_vnir_and_swir_in_wavelength_order(tmp_path, cache_dir):
+def test_prisma_l2d_joins_vnir_and_swir_in_wavelength_order(tmp_path):
     path, cubes = write_prisma(tmp_path / "PRS_L2D_STD_20200524103704_20200524103708_0001.he5")
-    ds = formats.main([path, "--out", str(tmp_path / "p"), "--cache-dir", cache_dir])
+    ds = formats.main([path, "--out", str(tmp_path / "p")])
     meta = json.load(open(tmp_path / "p" / "meta.json"))
     assert meta["wavelengths_nm"] == pytest.approx([420.3, 550.7, 700.2, 945.2, 1000.9, 1500.3, 2000.6, 2450.1])
     assert meta["fwhm_nm"] == [12.0] * 8 and meta["sensor"] == "PRISMA" and meta["value_scale"] == 1.0
@@ -521,9 +521,9 @@ def test_prisma_l2d_joins_vnir_and_swir_in_wavelength_order(tmp_path, cache_dir)
     assert ds.band_ids == list(range(8)) and valid_pixels(ds).sum() == 6 * 7 - 1 and not valid_pixels(ds)[0, 0]
 
 
-def test_emit_l2a_reflectance_with_bad_wavelengths_and_fill(tmp_path, cache_dir):
+def test_emit_l2a_reflectance_with_bad_wavelengths_and_fill(tmp_path):
     path, cube = write_emit(tmp_path / "EMIT_L2A_RFL_001_20230316T045133_2307503_005.nc")
-    ds = formats.main([path, "--out", str(tmp_path / "e"), "--cache-dir", cache_dir])
+    ds = formats.main([path, "--out", str(tmp_path / "e")])
     meta = json.load(open(tmp_path / "e" / "meta.json"))
     assert meta["bad_bands"] == [3, 4] and meta["nodata"] == -9999 and meta["value_scale"] == 1.0
     assert meta["wavelengths_nm"][:2] == [381, 581] and meta["fwhm_nm"] == [8.5] * 10 and meta["sensor"] == "EMIT"
@@ -607,16 +607,16 @@ def test_products_are_converted_in_row_blocks(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("product", ["enmap", "prisma", "emit"])
-def test_a_converted_product_trains(tmp_path, cache_dir, product):
+def test_a_converted_product_trains(tmp_path, product):
     size = (10, 11)
     src = {"enmap": lambda: write_enmap_l2a(tmp_path / ENMAP_STEM, size=size)[0],
            "prisma": lambda: write_prisma(tmp_path / "PRS_L2D_STD_20200524103704_0001.he5", size=size)[0],
            "emit": lambda: write_emit(tmp_path / "EMIT_L2A_RFL_001_20230316T045133_2307503_005.nc", size=size)[0]}
     scene = str(tmp_path / "scene")
-    ds = formats.main([src[product](), "--out", scene, "--cache-dir", cache_dir])
-    pretrain_mae.main(["--data", scene, "--out", str(tmp_path / "mae"), "--cache-dir", cache_dir, "--steps", "2",
+    ds = formats.main([src[product](), "--out", scene])
+    pretrain_mae.main(["--data", scene, "--out", str(tmp_path / "mae"), "--steps", "2",
                        "--size", "micro", "--img-size", "8", "--patch-size", "4", "--batch-size", "2",
-                       "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "0"])
+                       "--decoder-dim", "32", "--decoder-depth", "1", "--workers", "0"])
     ckpt = torch.load(tmp_path / "mae" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["backbone"]["bands"]["ids"] == ds.band_ids
     assert ckpt["backbone"]["bands"]["wavelengths"] == pytest.approx(ds.wavelengths)

@@ -7,13 +7,14 @@ import shlex
 import subprocess
 import sys
 
+
 import bench
 import finetune_seg
 import pretrain_contrast
 import pretrain_dino
 import pretrain_mae
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 BENCH_ROWS = ["mae vit", "mae sst", "dino vit", "dino ssvit", "seg vit", "seg resnet50v1c"]
 LOADER_ROWS = ["raw windows only (the workers' part with --device-augment), -"] + [
@@ -35,7 +36,19 @@ def table(tmp_path):
     return {r[0][2:]: (r[1], r[-1]) for r in rows}
 
 
+def flags_parse(tmp_path):
+    """Whether every script the smoke run calls accepts its flags (argparse exits on an unknown one)."""
+    try:
+        for command in dry_run(tmp_path, "--smoke").values():
+            for script, args in scripts_called(shlex.split(command)):
+                PARSERS[script](args)
+    except SystemExit:
+        return False
+    return True
+
+
 def test_smoke_run_fills_every_row(tmp_path):
+    assert flags_parse(tmp_path)  # fail fast: a script refusing its flags would fail the whole run
     proc = subprocess.run(["bash", SCRIPT, "--smoke"], cwd=ROOT, env=env(tmp_path), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -1,18 +1,26 @@
+"""segmentation.py, what finetune_seg.py and eval.py share: the metrics (boundary and interior included),
+sliding-window and whole-scene inference, the backbone that flags and a checkpoint give (random twins
+included) and a scene's label split."""
 import json
 import os
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 import common
 import data
 import eval as evaluation
 import finetune_seg
+import pretrain_contrast
 import pretrain_mae
-from conftest import write_scene, write_whu
+import segmentation
+from conftest import mae_args, seg_args, write_scene
 from data import IGNORE_INDEX
-from models import MultiscaleLinearDecoder, SegmentationModel, build_backbone
+from models import SegmentationModel, build_backbone
+
+CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -21,9 +29,9 @@ def test_metrics_against_hand_computed_confusion():
     # 4 classes; class 3 is absent from the ground truth but predicted once; one pixel ignored.
     target = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, IGNORE_INDEX])
     pred = np.array([0, 0, 1, 1, 1, 2, 2, 3, 0, 2])
-    cm = evaluation.confusion_matrix(pred, target, 4)
+    cm = segmentation.confusion_matrix(pred, target, 4)
     assert cm.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 1], [0, 0, 0, 0]]
-    m = evaluation.metrics_from_confusion(cm, ["a", "b", "c", "d"])
+    m = segmentation.metrics_from_confusion(cm, ["a", "b", "c", "d"])
     assert m["pixels"] == 9
     assert m["oa"] == pytest.approx(6 / 9)
     assert m["aa"] == pytest.approx((2 / 3 + 2 / 2 + 2 / 4) / 3)       # over classes in the ground truth
@@ -36,134 +44,147 @@ def test_metrics_against_hand_computed_confusion():
 
 
 def test_class_absent_everywhere_is_skipped_not_zero():
-    m = evaluation.metrics_from_confusion(evaluation.confusion_matrix([0, 1], [0, 1], 3), ["a", "b", "c"])
+    m = segmentation.metrics_from_confusion(segmentation.confusion_matrix([0, 1], [0, 1], 3), ["a", "b", "c"])
     assert m["miou"] == 1.0 and m["miou_present"] == 1.0 and m["per_class"][2]["iou"] is None
 
 
-# ----------------------------------------------------------------------------- models and inference
+def test_boundary_mask_on_a_hand_made_map():
+    I = IGNORE_INDEX
+    labels = np.array([[0, 0, 0, 0, 0, 0, 1, 1],
+                       [0, 0, 0, 0, 0, 0, 1, 1],
+                       [0, 0, 0, 0, 0, 0, 1, 1],
+                       [0, 0, 0, 0, 0, 0, 1, 1],
+                       [0, 0, 0, 0, 0, 0, 0, 0],
+                       [0, 0, 0, 0, 0, 0, 0, 0],
+                       [0, 0, 0, 0, 0, 0, 0, 0],
+                       [I, 0, 0, 0, 0, 0, 0, 0]])
+    edge = segmentation.boundary_mask(labels, radius=2)
+    expected = np.zeros((8, 8), bool)
+    expected[:6, 4:] = True   # within 2 px (Chebyshev) of the 1-block, on both sides
+    expected[5:, :3] = True   # within 2 px of the unlabelled corner (other land cover)
+    expected[7, 0] = False    # unlabelled pixels are never scored
+    assert (edge == expected).all(), edge.astype(int)
+    pred = labels.copy()
+    pred[:4, 5] = 1           # 4 errors, all on the boundary
+    cms = segmentation.region_confusions(pred, labels, edge, 2)
+    m = segmentation.region_metrics(cms, ["a", "b"])
+    assert m["boundary"]["pixels"] == expected.sum() and m["interior"]["pixels"] == 63 - expected.sum()
+    assert m["boundary"]["oa"] == pytest.approx(1 - 4 / expected.sum()) and m["interior"]["oa"] == 1.0
+    assert "boundary (within 2 px" in segmentation.format_table(m)
 
-def test_multiscale_linear_decoder_shapes():
-    dec = MultiscaleLinearDecoder([8, 8, 8, 8], 5)
-    feats = [(torch.randn(2, 8), torch.randn(2, 8, 4, 6)) for _ in range(4)]
-    assert dec(feats, (32, 48)).shape == (2, 5, 32, 48)
 
 
-def test_frozen_backbone_gets_no_gradient():
-    model = SegmentationModel(build_backbone("vit", "tiny", 6, img_size=32), "linear", 4)
-    model.train()
-    model(torch.randn(2, 6, 32, 32)).sum().backward()
-    assert all(p.grad is None for p in model.backbone.parameters())
-    assert model.decoder.classifier.weight.grad is not None and not model.backbone.training
-
-
-def test_pixel_backbone_is_a_per_pixel_classifier():
-    model = SegmentationModel(build_backbone("pixel", in_chans=6), "linear", 4).eval()
-    x = torch.randn(1, 6, 8, 8)
-    out = model(x)
-    x2 = x.clone()
-    x2[..., 0, 0] += 5  # changing one pixel changes only that pixel's logits
-    diff = (model(x2) - out).abs().sum(1)[0]
-    assert diff[0, 0] > 0 and diff.flatten()[1:].max() == 0
-
+# ----------------------------------------------------------------------------- inference
 
 def test_sliding_window_equals_single_pass(scene, cache_dir):
     ds = data.load_dataset(scene, cache_dir=cache_dir)
     torch.manual_seed(0)
     model = SegmentationModel(build_backbone("vit", "tiny", 16, img_size=40), "linear", 3).eval()
     full = model(torch.from_numpy(ds.normalize(ds.crop(0, 0, 0, 40, 40)[0]))[None])[0]
-    one, labels = evaluation.predict_raster(model, ds, 0, 40, 10, 4, torch.device("cpu"), torch.float32)
+    one, labels = segmentation.sliding(model, ds, 0, 40, 10, 4, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(one, full)
     assert (labels == ds.crop(0, 0, 0, 40, 40)[1]).all()
     # Overlapping smaller windows average logits: every pixel is covered, shapes match.
-    many, many_labels = evaluation.predict_raster(model, ds, 0, 24, 8, 4, torch.device("cpu"), torch.float32)
+    many, many_labels = segmentation.sliding(model, ds, 0, 24, 8, 4, torch.device("cpu"), torch.float32)
     assert many.shape == full.shape and torch.isfinite(many).all()
     assert (many_labels == labels).all()
 
 
-def test_attention_maps_shape():
-    vit = build_backbone("vit", "tiny", 6, img_size=32, num_registers=4)
-    attn = vit.attention_maps(torch.randn(2, 6, 32, 32))["spatial"]
-    assert attn.shape == (2, 3, 4, 4)
-    assert (attn.sum((-2, -1)) <= 1 + 1e-5).all()  # CLS also attends to itself and the registers
+def test_whole_scene_cdcnn_inference_equals_tiles_where_tiles_have_full_context(tmp_path, cache_dir):
+    scene = write_scene(tmp_path / "scene", bands=6, size=40)
+    ds = data.load_dataset(scene, cache_dir=cache_dir)
+    torch.manual_seed(0)
+    model = SegmentationModel(build_backbone("cdcnn", in_chans={"scene": 6}, width=16, depth=2), "linear", 3,
+                              frozen_backbone=False).eval()
+    whole, labels = segmentation.sliding(model, ds, 0, None, 0, 4, CPU, torch.float32)
+    assert whole.shape == (3, 40, 40) and (labels == data.scene_labels(ds)).all()
+    margin = 2  # the 5x5 first layer's reach
+    for y, x in data.grid_windows(40, 40, 16, 8):
+        tile = torch.from_numpy(ds.normalize(ds.crop(0, y, x, 16, 16)[0]))[None]
+        with torch.no_grad():
+            out = model(tile)[0]
+        inner = (slice(None), slice(margin, 16 - margin), slice(margin, 16 - margin))
+        torch.testing.assert_close(out[inner], whole[:, y:y + 16, x:x + 16][inner])
+    # Averaged tiles are wrong near interior tile borders, which is why whole-scene inference is used.
+    tiled, _ = segmentation.sliding(model, ds, 0, 16, 8, 4, CPU, torch.float32)
+    assert not torch.allclose(tiled, whole)
 
 
-# ----------------------------------------------------------------------------- scripts end to end
 
-def seg_args(data_path, out, cache_dir, *extra):
-    return ["--data", data_path, "--out", str(out), "--cache-dir", cache_dir, "--img-size", "16",
-            "--batch-size", "4", "--steps", "4", "--log-every", "2", "--eval-every", "2", "--ckpt-every", "2",
-            "--eval-batch-size", "8", "--workers", "0", *extra]
+# ----------------------------------------------------------------------------- backbones from flags and checkpoints
+
+def test_twin_has_the_checkpoint_config_and_none_of_its_weights(tmp_path, cache_dir):
+    scene = write_scene(tmp_path / "scene", bands=8, size=32)
+    pre = tmp_path / "pre"
+    pretrain_mae.main(mae_args(scene, pre, 3, "--img-size", "16", "--registers", "2", "--ffn", "swiglu"))
+    ckpt = common.load_checkpoint(pre / "ckpt.pt")
+    ds = data.load_dataset(scene, cache_dir=cache_dir)
+    args = evaluation.parse_args(["--probe", "knn", "--init", str(pre / "ckpt.pt"), "--twin"])
+    init, bands = segmentation.read_init(args)
+    assert init["step"] == 3 and bands == ckpt["backbone"]["bands"]
+    torch.manual_seed(0)
+    twin = segmentation.load_backbone(args, ds, init)
+    torch.manual_seed(1)
+    other = segmentation.load_backbone(args, ds, init)
+    assert twin.config == ckpt["backbone"] and twin.config["num_registers"] == 2
+    trained = common.backbone_weights(ckpt)
+    random_tensors = 0
+    for name, value in twin.state_dict().items():
+        if torch.equal(value, other.state_dict()[name]):
+            continue  # fixed by construction (LayerNorm ones, zero biases, sin-cos positions): no information
+        random_tensors += 1
+        assert not torch.equal(value, trained[name]), name
+    assert random_tensors > 10
+    # finetune_seg.py --twin trains that same architecture; without --twin it starts from the weights.
+    finetune_seg.main(seg_args(scene, tmp_path / "ft_twin", "--steps", "2", "--init", str(pre / "ckpt.pt"), "--twin"))
+    finetune_seg.main(seg_args(scene, tmp_path / "ft_pre", "--init", str(pre / "ckpt.pt"), "--steps", "0"))
+    assert common.load_checkpoint(tmp_path / "ft_twin" / "ckpt.pt")["backbone"] == ckpt["backbone"]
+    with pytest.raises(ValueError, match="--twin needs --init"):
+        segmentation.read_init(evaluation.parse_args(["--probe", "knn", "--twin"]))
 
 
-def test_finetune_then_eval_on_scene(scene, cache_dir, tmp_path):
+def test_cdcnn_twin_and_scratch_depth(tmp_path, cache_dir):
+    a, b = write_scene(tmp_path / "a", bands=6, size=24, seed=1), write_scene(tmp_path / "b", bands=9, size=24, seed=2)
+    pre = tmp_path / "pre"
+    pretrain_contrast.main(["--data", f"{a},{b}", "--out", str(pre), "--steps", "2",
+                            "--width", "16", "--depth", "2", "--region-size", "3", "--workers", "0"])
+    trunk = {k: v for k, v in common.backbone_weights(common.load_checkpoint(pre / "ckpt.pt")).items()
+             if k.startswith("trunk.")}
+    target = write_scene(tmp_path / "t", bands=5, size=24, seed=3)
+    ds = data.load_dataset(target, cache_dir=cache_dir)
+    args = finetune_seg.parse_args(["--init", str(pre / "ckpt.pt"), "--twin"])
+    twin = finetune_seg.build_model(args, ds, segmentation.read_init(args)[0])
+    assert twin.backbone.config["depth"] == 2 and twin.backbone.config["width"] == 16
+    assert not any(torch.equal(twin.backbone.state_dict()[k], v) for k, v in trunk.items() if v.dim() > 1)
+    scratch = finetune_seg.build_model(finetune_seg.parse_args(["--backbone", "cdcnn", "--depth", "4"]), ds, None)
+    assert scratch.backbone.config["depth"] == 4 and len(scratch.backbone.trunk) == 5  # 4 modules + final 1x1
+
+
+
+# ----------------------------------------------------------------------------- label splits
+
+def test_min_class_pixels_drops_small_classes_in_training_and_scoring(tmp_path, cache_dir):
+    scene = write_scene(tmp_path / "scene", bands=6, size=30, classes=3)
+    gt = tifffile.imread(os.path.join(scene, "gt.tif"))
+    gt[:, :] = 0
+    gt[:10, :] = 1          # 300 px
+    gt[10:12, :5] = 2       # 10 px: dropped at >= 50
+    gt[15:, :] = 3          # 450 px
+    tifffile.imwrite(os.path.join(scene, "gt.tif"), gt)
+    ds = data.load_dataset(scene, cache_dir=cache_dir)
+    kept, train, test, classes = data.scene_split(ds, 0, per_class=5, min_class_pixels=50)
+    assert classes == [0, 2] and kept.num_classes == 2 and kept.class_names == ["c0", "c2"]
+    labels = data.scene_labels(kept)
+    assert (labels[10:12, :5] == data.IGNORE_INDEX).all() and set(np.unique(labels)) == {-1, 0, 1}
+    assert int(train.sum()) == 10 and int(test.sum()) == 300 + 450 - 10
     out = tmp_path / "ft"
-    finetune_seg.main(seg_args(scene, out, cache_dir, "--labels-per-class", "5", "--finetune"))
-    z = np.load(out / "split.npz")
-    assert z["train"].sum() == 15 and not (z["train"] & z["test"]).any()
-    m = evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--attention", "--pictures", "1"])
-    assert m["pixels"] == int(z["test"].sum())
-    saved = json.load(open(out / "eval-test" / "metrics.json"))
-    assert {"oa", "aa", "miou", "miou_present", "kappa", "per_class"} <= set(saved)
-    assert os.path.isfile(out / "eval-test" / "prediction_0.png") and os.path.isfile(out / "eval-test" / "attention_0.png")
-
-
-def test_finetune_from_pretraining_checkpoint_and_resume(scene, cache_dir, tmp_path):
-    pre = tmp_path / "mae"
-    pretrain_mae.main(["--data", scene, "--out", str(pre), "--cache-dir", cache_dir, "--steps", "2", "--img-size", "16",
-                       "--batch-size", "2", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
-                       "--workers", "0"])
-    out = tmp_path / "probe"
-    finetune_seg.main(seg_args(scene, out, cache_dir, "--init", str(pre / "ckpt.pt"), "--steps", "2"))
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    mae = torch.load(pre / "ckpt.pt", weights_only=False)
-    # A linear probe keeps the pre-trained backbone bit for bit.
-    for k, v in common.backbone_weights(mae).items():
-        assert torch.equal(ckpt["model"][f"backbone.{k}"], v), k
-    finetune_seg.main(seg_args(scene, out, cache_dir, "--init", str(pre / "ckpt.pt"), "--resume"))
-    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 4
-    # Attention maps from the pre-training checkpoint itself.
-    evaluation.main(["--ckpt", str(pre / "ckpt.pt"), "--attention", "--pictures", "1", "--out", str(tmp_path / "att")])
-    assert os.path.isfile(tmp_path / "att" / "attention_0.png")
-
-
-def test_whu_finetune_selects_on_val(tmp_path, cache_dir):
-    root = write_whu(tmp_path / "whu", tiles=1, size=32)
-    out = tmp_path / "whu_run"
-    finetune_seg.main(seg_args(root, out, cache_dir, "--backbone", "pixel", "--loss", "focal",
-                               "--class-weights", "sqrt-inverse"))
-    best = torch.load(out / "best.pt", weights_only=False)
-    assert best["val"]["pixels"] > 0 and best["segmentation"]["num_classes"] == 24
-    m = evaluation.main(["--ckpt", str(out / "best.pt"), "--split", "ts"])
-    assert m["split"] == "ts" and len(m["per_class"]) == 24
-
-
-def test_eval_refuses_mismatched_bands_or_classes(scene, cache_dir, tmp_path):
-    out = tmp_path / "ft"
-    finetune_seg.main(seg_args(scene, out, cache_dir, "--backbone", "pixel", "--steps", "2"))
-    other_bands = write_scene(tmp_path / "b", bands=12)
-    with pytest.raises(ValueError, match="ckpt.pt: checkpoint was trained on 16 bands but b has 12"):
-        evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--data", other_bands, "--cache-dir", cache_dir])
-    other_classes = write_scene(tmp_path / "c", classes=5)
-    with pytest.raises(ValueError, match="ckpt.pt: checkpoint predicts 3 classes but c has 5"):
-        evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--data", other_classes, "--cache-dir", cache_dir])
-    with pytest.raises(ValueError, match="trained on 16 bands"):
-        finetune_seg.main(seg_args(other_bands, tmp_path / "x", cache_dir, "--init", str(out / "ckpt.pt")))
-
-
-def test_focal_loss_reduces_to_cross_entropy_at_gamma_zero():
-    logits, target = torch.randn(2, 4, 5, 5), torch.randint(-1, 4, (2, 5, 5))
-    ce = finetune_seg.segmentation_loss(logits, target)
-    torch.testing.assert_close(finetune_seg.segmentation_loss(logits, target, focal_gamma=0.0), ce)
-    assert finetune_seg.segmentation_loss(logits, target, focal_gamma=2.0) < ce
-
-
-def test_finetune_under_torchrun(scene, cache_dir, tmp_path):
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(root, "finetune_seg.py"), *seg_args(scene, out, cache_dir, "--finetune", "--steps", "2")]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2 and (out / "split.npz").exists()
+    finetune_seg.main(seg_args(scene, out, "--backbone", "pixel", "--steps", "2", "--labels-per-class", "5",
+                               "--min-class-pixels", "50"))
+    ckpt = common.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["segmentation"]["num_classes"] == 2 and ckpt["segmentation"]["classes"] == [0, 2]
+    m = evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--pictures", "0"])
+    assert m["pixels"] == 740 and [c["name"] for c in m["per_class"]] == ["c0", "c2"]
+    assert json.loads((out / "eval.json").read_text())["pixels"] == 740
+    p = evaluation.main(["--probe", "knn", "--backbone", "pixel", "--data", scene,
+                         "--labels-per-class", "5", "--min-class-pixels", "50", "--out", str(tmp_path / "p")])
+    assert p["pixels"] == 740 and len(p["per_class"]) == 2

@@ -90,7 +90,7 @@ def resume(cmd, seconds, resume_seconds, intervals, fell=0.9):
     """Train, stop with SIGTERM, resume, stop again. Checks: the loss fell (the mean of the last third of
     the logged losses below `fell` x the first), the run stopped with a checkpoint at the step it logged
     last, the resumed run said so and logged the next interval first, and its loss went on from where it
-    had got to (not back to the start). Exactness is tested on CPU (tests/test_pretrain_mae.py, test_gpu_ready.py)."""
+    had got to (not back to the start). Exactness is tested on CPU (tests/test_pretrain_mae.py, test_common.py)."""
     import numpy as np
     out = cmd[cmd.index("--out") + 1]
     metrics, ckpt = os.path.join(out, "metrics.jsonl"), os.path.join(out, "ckpt.pt")

@@ -47,8 +47,7 @@ else  # tiny sizes, a step or two: what the commands do, not how fast
   STEPS=(--steps 1 --warmup 0)
   LOADER=(--batch-size 2 --steps 1 --workers 0)
   MAE=(--size micro --batch-size 2 --img-size 32)
-  DINO=(--size micro --batch-size 2 --img-size 32 --local-size 16 --local-crops 2 --prototypes 64 --head-hidden 64
-        --head-bottleneck 16)
+  DINO=(--size micro --batch-size 2 --img-size 32 --local-crops 2 --prototypes 64)
   CONTRAST=(--width 16 --depth 2)
   SEG=(--size micro --batch-size 2 --img-size 32)
   TRAIN=(--seconds 0 --resume-seconds 0 --intervals 8 -- $PY -m torch.distributed.run --standalone --nproc_per_node 1
@@ -156,7 +155,7 @@ main() {
   part "synthetic data" 120 "" $PY tools/gpu_check.py synthetic "$DATA" $TILES
   [[ $MODE == smoke ]] && background eager_and_loaders  # timings mean nothing on a CPU: beside the untimed parts
   part sync-debug 300 "pretrain_mae pretrain_dino pretrain_contrast finetune_seg" $PY tools/gpu_check.py steps \
-    pretrain_mae.py --data "$DATA" "${MAE[@]}" --steps 2 --sync-debug --dtype $DTYPE --image-every 1000000 \
+    pretrain_mae.py --data "$DATA" "${MAE[@]}" --steps 2 --sync-debug --dtype $DTYPE \
       --out "$WORK/sync_mae" :: \
     pretrain_dino.py --data "$DATA" "${DINO[@]}" --steps 2 --sync-debug --dtype $DTYPE --out "$WORK/sync_dino" :: \
     pretrain_contrast.py --data "$DATA,data/indian_pines" "${CONTRAST[@]}" --steps 2 --sync-debug --dtype $DTYPE \
@@ -164,7 +163,7 @@ main() {
     finetune_seg.py --data "$DATA" --backbone vit --finetune "${SEG[@]}" --steps 2 --eval-every 2 --sync-debug \
       --dtype $DTYPE --out "$WORK/sync_seg"
   part "training: MAE, torchrun, SIGTERM, --resume" 240 "" $PY tools/gpu_check.py resume "${TRAIN[@]}" \
-    --data "$DATA" --steps 100000 --image-every 100000000 --dtype $DTYPE --out "$WORK/mae"
+    --data "$DATA" --steps 100000 --dtype $DTYPE --out "$WORK/mae"
   if [[ $MODE == full ]]; then  # the timed parts, alone on the machine; the targets' rows first
     stop_background
     for t in mae dino seg; do bench "$DTYPE eager" $t 120 "${STEPS[@]}"; done

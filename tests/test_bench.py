@@ -1,5 +1,5 @@
-"""FLOPs counted from the architecture agree with torch.utils.flop_counter; the fast path (bf16 autocast,
-fused attention kernels) gives the plain path's loss; bench.py runs."""
+"""Speed: FLOPs counted from the architecture agree with torch.utils.flop_counter; the fast path (bf16 autocast,
+fused attention kernels) gives the plain path's loss; bench.py runs and states MFU."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -27,7 +27,7 @@ def test_dino_flops_match_the_counter(backbone):
     args = pretrain_dino.parse_args(["--backbone", backbone, "--prototypes", "256", "--local-crops", "2"])
     torch.manual_seed(0)
     student, teacher = pretrain_dino.build(args, 8)
-    criterion = pretrain_dino.DINOLoss(args, 256, student.backbone.streams)
+    criterion = pretrain_dino.DINOLoss(student.backbone.streams)
     B = 4
     g, loc = torch.randn(2 * B, 8, 64, 64), torch.randn(2 * B, 8, 32, 32)
     masks = pretrain_dino.token_masks(args, 0, 0, 1, B, student.backbone, torch.device("cpu"))
@@ -60,3 +60,8 @@ def test_bench_prints_a_row_per_case(capsys):
                                          "--batch-size", "2", "--steps", "1", "--warmup", "0"]))
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| mae") or r.startswith("| dino")]
     assert len(rows) == 2 and all("%" in r for r in rows)
+
+
+def test_mfu_text():
+    assert bench.mfu_text(1.5, None) == "n/a"  # a GPU missing from common.GPU_PEAK_TFLOPS
+    assert bench.mfu_text(1.5, 10.0) == "15.0%" and bench.mfu_text(1.5, 10.0, 3.0) == "15.0% / 50%"
