@@ -289,7 +289,7 @@ class HSIDataset:
     def raw_window(self, index, y, x, size, dtype):
         """The raw (C, size, size) window at (y, x) as `dtype` (uint16 into int16 as its bit pattern), zero
         past the border, and its part inside the raster (y0, x0, y1, x1) in window coordinates: what
-        RandomTiles(raw=True) ships, for DeviceNormalize to finish as crop() would."""
+        RandomTiles(raw=True) ships, for DeviceNormalise to finish as crop() would."""
         _, H, W = self.rasters[index].image.shape
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + size, H), min(x + size, W)
         out = np.zeros((self.raw_bands, size, size), dtype)
@@ -299,7 +299,7 @@ class HSIDataset:
             out[:, y0 - y:y1 - y, x0 - x:x1 - x] = src.view(np.int16) if wrap else src
         return out, (y0 - y, x0 - x, y1 - y, x1 - x)
 
-    def normalize(self, img):
+    def normalise(self, img):
         """(x - mean) / std per band, in place; then projected by PCA to (k, h, w), or resampled onto the
         wavelength grid's (G, h, w) points (0, the mean, where the sensor has no band)."""
         img -= self.mean[:, None, None]
@@ -891,12 +891,12 @@ class Augment:
     flips: bool = False
     crop_scale: tuple = None      # random resized crop area range, None = off
 
-    def __call__(self, img, lab, rng, normalize, reflectance=True):
+    def __call__(self, img, lab, rng, normalise, reflectance=True):
         if self.flips:
             img, lab = dihedral([img, lab], rng)
         if self.crop_scale is not None:
             img, lab = random_resized_crop(img, lab, rng, img.shape[-1], self.crop_scale)
-        return torch.from_numpy(normalize(img)), torch.from_numpy(lab)
+        return torch.from_numpy(normalise(img)), torch.from_numpy(lab)
 
 
 @dataclass
@@ -926,22 +926,22 @@ class MultiCrop:
     def jitters(self):
         return self.jitter_p > 0 and bool(self.brightness or self.contrast or self.band_gain)
 
-    def view(self, img, lab, rng, normalize, size, scale, blur_p, solarize_p, reflectance):
+    def view(self, img, lab, rng, normalise, size, scale, blur_p, solarize_p, reflectance):
         v, _ = random_resized_crop(img, lab, rng, size, scale)
         v = dihedral([v], rng)[0]
         if rng.random() < self.jitter_p and reflectance:
             v = spectral_jitter(v, rng, self.brightness, self.contrast, self.band_gain, self.spread)
         if rng.random() < blur_p:
             v = gaussian_blur(v, rng.uniform(*self.blur_sigma))
-        v = normalize(np.ascontiguousarray(v, dtype=np.float32))
+        v = normalise(np.ascontiguousarray(v, dtype=np.float32))
         if rng.random() < solarize_p:
             v = spectral_solarize(v)
         return torch.from_numpy(v)
 
-    def __call__(self, img, lab, rng, normalize, reflectance=True):
-        g = [self.view(img, lab, rng, normalize, self.global_size, self.global_scale, blur, solarize, reflectance)
+    def __call__(self, img, lab, rng, normalise, reflectance=True):
+        g = [self.view(img, lab, rng, normalise, self.global_size, self.global_scale, blur, solarize, reflectance)
              for blur, solarize in zip(self.global_blur_p, self.global_solarize_p)]
-        local = [self.view(img, lab, rng, normalize, self.local_size, self.local_scale, self.local_blur_p, 0.0,
+        local = [self.view(img, lab, rng, normalise, self.local_size, self.local_scale, self.local_blur_p, 0.0,
                            reflectance) for _ in range(self.n_local)]
         local = torch.stack(local) if local else torch.zeros(0, img.shape[0], self.local_size, self.local_size)
         return (torch.stack(g), local), torch.from_numpy(lab)
@@ -951,7 +951,7 @@ class MultiCrop:
 
 class RandomTiles(torch.utils.data.Dataset):
     """Random size x size windows of all datasets' rasters, every pixel equally likely, through `augment`
-    (anything mapping (img, lab, rng, normalize, reflectance) to (x, y)): items (x, y, dataset index), or
+    (anything mapping (img, lab, rng, normalise, reflectance) to (x, y)): items (x, y, dataset index), or
     (x, dataset index) with labels=False (pre-training: less to ship between processes). raw=True: the raw
     window (C, size, size) in transport_dtype and (dataset, valid extent) (5,), for the device to finish.
     Item i is a function of (seed, i) only, the same window in both modes, so any number of workers and any
@@ -980,13 +980,13 @@ class RandomTiles(torch.utils.data.Dataset):
             y, x = int(rng.integers(max(H - self.size, 0) + 1)), int(rng.integers(max(W - self.size, 0) + 1))
             if self.raw:
                 window, extent = ds.raw_window(r, y, x, self.size, self.transport)
-                if len(window) < self.bands:  # with copies of the last band: see DeviceNormalize
+                if len(window) < self.bands:  # with copies of the last band: see DeviceNormalise
                     window = np.concatenate([window, np.repeat(window[-1:], self.bands - len(window), 0)])
                 return torch.from_numpy(window), torch.tensor([d, *extent], dtype=torch.int32)
             img, lab = ds.crop(r, y, x, self.size, self.size)
             if (lab != IGNORE_INDEX).sum() >= self.min_labelled:
                 break
-        x, y = self.augment(img, lab, rng, ds.normalize, ds.value_scale is not None)
+        x, y = self.augment(img, lab, rng, ds.normalise, ds.value_scale is not None)
         return (x, y, d) if self.labels else (x, d)
 
 
@@ -1006,7 +1006,7 @@ class GridTiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         r, y, x = self.items[i]
         img, lab = self.ds.crop(r, y, x, self.size, self.size)
-        return torch.from_numpy(self.ds.normalize(img)), torch.from_numpy(lab), torch.tensor([r, y, x])
+        return torch.from_numpy(self.ds.normalise(img)), torch.from_numpy(lab), torch.tensor([r, y, x])
 
 
 def grid_windows(H, W, size, overlap):
@@ -1140,8 +1140,8 @@ def transport_dtype(datasets):
     return np.int16 if small else np.float32
 
 
-class DeviceNormalize:
-    """HSIDataset.crop's and normalize's arithmetic, bit for bit, on the device. physical: raw windows
+class DeviceNormalise:
+    """HSIDataset.crop's and normalise's arithmetic, bit for bit, on the device. physical: raw windows
     (B, C, S, S) and their info (B, 5) (dataset, valid extent) -> float32 in physical units, invalid pixels
     (nodata, NaN, fill, past the border) at the band means; calling it: (x - mean) / std per band with each
     sample's dataset's statistics, then its projection (the wavelength grid's resampling, or PCA) as one
@@ -1310,36 +1310,36 @@ def per_view(u, p):
     return torch.cat([c < pv for c, pv in zip(u.chunk(len(p)), p)])
 
 
-def augment_on_device(augment, x, d, rnd, normalize):
+def augment_on_device(augment, x, d, rnd, normalise):
     """An Augment or a MultiCrop for tiles x (B, C, S, S) in physical units from datasets d (B,), drawn from
-    rnd (a StepRandom), normalised by a DeviceNormalize: an Augment -> (B, C, S, S); a MultiCrop -> global
+    rnd (a StepRandom), normalised by a DeviceNormalise: an Augment -> (B, C, S, S); a MultiCrop -> global
     views (2B, C, G, G) and local views (n_local * B, C, L, L), view-major."""
     a = augment
     if isinstance(a, MultiCrop):
-        return (multi_crop_views(a, x, d, rnd, normalize, a.global_size, a.global_scale, a.global_blur_p,
+        return (multi_crop_views(a, x, d, rnd, normalise, a.global_size, a.global_scale, a.global_blur_p,
                                  a.global_solarize_p),
-                multi_crop_views(a, x, d, rnd, normalize, a.local_size, a.local_scale, (a.local_blur_p,) * a.n_local,
+                multi_crop_views(a, x, d, rnd, normalise, a.local_size, a.local_scale, (a.local_blur_p,) * a.n_local,
                                  (0.0,) * a.n_local))
     if a.flips or a.crop_scale is not None:
         boxes = full_boxes(len(x), x.device) if a.crop_scale is None else crop_boxes(rnd.uniform(2 * CROP_TRIES + 2),
                                                                                       a.crop_scale)
         x = resample(x, boxes, dihedral_index(rnd.uniform()) if a.flips else None, x.shape[-1])
-    return normalize(x, d)
+    return normalise(x, d)
 
 
-def multi_crop_views(crops, x, d, rnd, normalize, size, scale, blur_p, solarize_p):
+def multi_crop_views(crops, x, d, rnd, normalise, size, scale, blur_p, solarize_p):
     """len(blur_p) views of every tile, view v blurred with probability blur_p[v] and solarised with
     solarize_p[v] -> (V * B, C, size, size), view-major."""
     V, C = len(blur_p), x.shape[1]
     if V == 0:
         return x.new_zeros(0, C, size, size)
     v = resample(x, crop_boxes(rnd.views(V, 2 * CROP_TRIES + 2), scale), dihedral_index(rnd.views(V)), size)
-    jitter = (rnd.views(V) < crops.jitter_p) & normalize.reflectance[d].repeat(V)
+    jitter = (rnd.views(V) < crops.jitter_p) & normalise.reflectance[d].repeat(V)
     v = batch_jitter(v, rnd.views(V, 2 + C), crops.brightness, crops.contrast, crops.band_gain, jitter, crops.spread)
     blur = per_view(rnd.views(V), blur_p)
     lo, hi = crops.blur_sigma
     v = batch_blur(v, torch.where(blur, lo + (hi - lo) * rnd.views(V), 0.0), hi)
-    return batch_solarize(normalize(v, d.repeat(V)), per_view(rnd.views(V), solarize_p))
+    return batch_solarize(normalise(v, d.repeat(V)), per_view(rnd.views(V), solarize_p))
 
 
 def view_major(views):
@@ -1406,7 +1406,7 @@ def augmented_batches(datasets, size, augment, seed, batch_size, start_step, ran
     batched on the device, drawn from StepRandom(seed, step); else the workers augment every tile (CPU
     runs). Same windows and distributions, other draws."""
     tiles = RandomTiles(datasets, size, seed, None if on_device else augment, labels=False, raw=on_device)
-    normalize = DeviceNormalize(datasets, device) if on_device else None
+    normalise = DeviceNormalise(datasets, device) if on_device else None
     loader = StepLoader(tiles, batch_size, start_step, rank, world, workers, device)
     multi = isinstance(augment, MultiCrop)
 
@@ -1417,5 +1417,5 @@ def augmented_batches(datasets, size, augment, seed, batch_size, start_step, ran
                 continue
             raw, info = batch
             rnd = StepRandom(seed, step, rank, world, batch_size, device)
-            yield augment_on_device(augment, normalize.physical(raw, info), info[:, 0], rnd, normalize)
+            yield augment_on_device(augment, normalise.physical(raw, info), info[:, 0], rnd, normalise)
     return batches()

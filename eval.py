@@ -177,7 +177,7 @@ def save_attention_picture(path, backbone, ds, index, y, x, window, device):
     (CLS-to-patch; for sst the attention each patch receives) and, for the spectral backbones, one row
     per head of the attention over band groups / spectral blocks (blue = low, yellow = high)."""
     img = ds.crop(index, y, x, window, window)[0]
-    inp = torch.from_numpy(ds.normalize(img.copy()))[None].to(device)
+    inp = torch.from_numpy(ds.normalise(img.copy()))[None].to(device)
     maps = {k: v.float().cpu()[0] for k, v in backbone.attention_maps(inp).items()}
     attn = F.interpolate(maps["spatial"][None], size=(window, window), mode="bilinear", align_corners=False)[0]
     rgb = data.render_bands(torch.from_numpy(img), data.display_bands(ds)).permute(1, 2, 0).numpy()

@@ -699,7 +699,7 @@ class MAE(nn.Module):
         ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)
         return ids_shuffle[:, :keep], ids_shuffle[:, keep:], ids_shuffle.argsort(dim=1)
 
-    def normalize_targets(self, pieces):
+    def normalise_targets(self, pieces):
         if not self.norm_pix_loss:
             return pieces
         var, mean = torch.var_mean(pieces, dim=-1, keepdim=True)
@@ -715,7 +715,7 @@ class MAE(nn.Module):
         preds, losses = [], []
         for decoder, latent, target, (_, ids_masked, ids_restore) in zip(self.decoders, latents, targets, ids):
             preds.append(decoder(latent, ids_restore, ids_masked))
-            target = self.normalize_targets(gather_tokens(target, ids_masked))
+            target = self.normalise_targets(gather_tokens(target, ids_masked))
             losses.append(F.mse_loss(preds[-1].float(), target.float()))
         return sum(losses) / len(losses), preds, [i[1] for i in ids]
 

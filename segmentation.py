@@ -124,7 +124,7 @@ def sliding(fn, ds, index, window, overlap, batch_size, device, dtype):
     if window is None:
         img, labels = ds.crop(index, 0, 0, H, W)
         with common.autocast(device, dtype):
-            return fn(torch.from_numpy(ds.normalize(img))[None].to(device)).float().cpu()[0], labels
+            return fn(torch.from_numpy(ds.normalise(img))[None].to(device)).float().cpu()[0], labels
     total, count = None, torch.zeros(1, H, W)
     labels = np.full((H, W), IGNORE_INDEX, np.int64)
     for x, lab, where in torch.utils.data.DataLoader(data.GridTiles(ds, window, overlap, [index]), batch_size):

@@ -44,7 +44,7 @@ def test_whu_splits_use_training_statistics(whu_root, cache_dir):
     np.testing.assert_allclose(tr.mean, refl.mean(axis=(0, 2, 3)), rtol=1e-5)
     np.testing.assert_allclose(tr.std, refl.std(axis=(0, 2, 3)), rtol=1e-4)
     np.testing.assert_array_equal(val.mean, tr.mean)
-    x = val.normalize(val.crop(0, 0, 0, 8, 8)[0])
+    x = val.normalise(val.crop(0, 0, 0, 8, 8)[0])
     assert x.dtype == np.float32
 
 
@@ -322,7 +322,7 @@ def test_permuting_a_scenes_bands_with_its_wavelengths_leaves_the_output_unchang
     other = write_scene(tmp_path / "b_permuted", bands=20, size=40, wavelengths_nm=[float(w) for w in SENSORS["b"][perm]])
     tifffile.imwrite(os.path.join(other, "image.tif"), image)
     a, b = (data.load_dataset(p, cache_dir=cache_dir, bands=data.ANY_SENSOR) for p in (src, other))
-    x = [torch.from_numpy(ds.normalize(ds.crop(0, 4, 4, 32, 32)[0]))[None] for ds in (a, b)]
+    x = [torch.from_numpy(ds.normalise(ds.crop(0, 4, 4, 32, 32)[0]))[None] for ds in (a, b)]
     torch.testing.assert_close(x[0], x[1], atol=1e-5, rtol=1e-5)
     for name, kw in (("sst", {"spectral_patch": 8}), ("ssvit", {"spectral_patch": 12}), ("vit", {})):
         torch.manual_seed(0)
@@ -349,7 +349,7 @@ def test_pca_is_fitted_on_training_pixels_only(scene, cache_dir):
     proj, explained = data.fit_pca(ds, 3, train)
     assert proj.shape == (3, 16) and np.all(np.diff(explained) <= 0)
     # Components have unit variance on the training pixels and are uncorrelated.
-    img = ds.normalize(ds.crop(0, 0, 0, 40, 40)[0])
+    img = ds.normalise(ds.crop(0, 0, 0, 40, 40)[0])
     comps = np.einsum("kc,chw->khw", proj, img)[:, train]
     np.testing.assert_allclose(np.cov(comps, bias=True), np.eye(3), atol=1e-3)
     # Test pixels do not influence the fit.
@@ -358,7 +358,7 @@ def test_pca_is_fitted_on_training_pixels_only(scene, cache_dir):
     ds.rasters[0] = data.Raster(r.path, changed, r.label)
     np.testing.assert_allclose(data.fit_pca(ds, 3, train)[0], proj, rtol=1e-4, atol=1e-5)
     ds.pca = proj
-    assert ds.bands == 3 and ds.normalize(ds.crop(0, 0, 0, 8, 8)[0]).shape == (3, 8, 8)
+    assert ds.bands == 3 and ds.normalise(ds.crop(0, 0, 0, 8, 8)[0]).shape == (3, 8, 8)
 
 
 def test_sparse_split_reproducible_disjoint_and_saved(scene, cache_dir, tmp_path):
@@ -396,7 +396,7 @@ def test_photometric_jitter_is_spectral_and_off_by_default():
     rng = np.random.default_rng(0)
     img = rng.uniform(0, 0.5, (8, 16, 16)).astype(np.float32)
     lab = np.zeros((16, 16), np.int64)
-    out, _ = data.Augment()(img.copy(), lab, rng, normalize=lambda x: x)
+    out, _ = data.Augment()(img.copy(), lab, rng, normalise=lambda x: x)
     np.testing.assert_array_equal(out.numpy(), img)
     bright = data.spectral_jitter(img, rng, brightness=0.3)
     ratio = bright / img
@@ -496,7 +496,7 @@ def test_grid_windows_cover_with_overlap():
 def test_grid_tiles_reassemble_the_scene(scene, cache_dir):
     ds = data.load_dataset(scene, cache_dir=cache_dir)
     grid = data.GridTiles(ds, 16, 4)
-    full = ds.normalize(ds.crop(0, 0, 0, 40, 40)[0])
+    full = ds.normalise(ds.crop(0, 0, 0, 40, 40)[0])
     for i in range(len(grid)):
         x, _, (r, y, xx) = grid[i]
         np.testing.assert_array_equal(x.numpy(), full[:, y:y + 16, xx:xx + 16])
@@ -523,7 +523,7 @@ def test_loader_batches_fit_small_shared_memory(scene, cache_dir, monkeypatch, c
 
 # ----------------------------------------------------------------------------- the device pipeline
 
-def test_raw_windows_finished_on_the_device_equal_crop_and_normalize(tmp_path, cache_dir):
+def test_raw_windows_finished_on_the_device_equal_crop_and_normalise(tmp_path, cache_dir):
     """nodata pixels, windows past a small raster's border, uint16 values above 32767 (shipped as int16 bit
     patterns), WHU-OHS int16-in-uint16 with fill values, float data with NaN: all as crop() makes them."""
     small = write_scene(tmp_path / "small", size=12, nodata=0)
@@ -545,16 +545,16 @@ def test_raw_windows_finished_on_the_device_equal_crop_and_normalize(tmp_path, c
         raw_tiles = data.RandomTiles(datasets, 16, 3, labels=False, raw=True)
         cpu_tiles = data.RandomTiles(datasets, 16, 3, labels=False)
         assert raw_tiles.transport == transport
-        normalize = data.DeviceNormalize(datasets, CPU)
+        normalise = data.DeviceNormalise(datasets, CPU)
         windows, info = (torch.stack(t) for t in zip(*(raw_tiles[i] for i in range(12))))
         expected = torch.stack([cpu_tiles[i][0] for i in range(12)])
-        got = normalize(normalize.physical(windows, info), info[:, 0])
+        got = normalise(normalise.physical(windows, info), info[:, 0])
         assert torch.equal(got, expected), spec
 
 
-def test_any_sensor_windows_resampled_on_the_device_equal_crop_and_normalize(tmp_path, cache_dir):
+def test_any_sensor_windows_resampled_on_the_device_equal_crop_and_normalise(tmp_path, cache_dir):
     """--any-sensor on the device: sensors of 12, 20 and 90 bands mixed in a batch travel padded to 90 bands
-    and are resampled onto the grid batched; per tile, crop() and normalize() give the same, up to float
+    and are resampled onto the grid batched; per tile, crop() and normalise() give the same, up to float
     rounding. Sensor a (padded) has nodata 0 and windows past its border: padding with zeros would mark
     all of its pixels invalid. A PCA projection goes the same way."""
     wl = {n: [float(w) for w in SENSORS[n]] for n in "abc"}
@@ -572,8 +572,8 @@ def test_any_sensor_windows_resampled_on_the_device_equal_crop_and_normalize(tmp
         windows, info = (torch.stack(t) for t in zip(*(raw_tiles[i] for i in range(24))))
         assert set(info[:, 0].tolist()) == set(range(len(sets)))  # every sensor in the batch (seed 3)
         assert windows.shape[1] == max(ds.raw_bands for ds in sets)
-        normalize = data.DeviceNormalize(sets, CPU)
-        got = normalize(normalize.physical(windows, info), info[:, 0])
+        normalise = data.DeviceNormalise(sets, CPU)
+        got = normalise(normalise.physical(windows, info), info[:, 0])
         expected = torch.stack([cpu_tiles[i][0] for i in range(24)])
         assert got.shape == (24, bands, 16, 16)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -663,9 +663,9 @@ def test_multicrop_on_the_device_matches_the_per_tile_statistics(tmp_path, cache
     cpu = data.view_major(views)
     raw_tiles = data.RandomTiles([ds], 32, 0, labels=False, raw=True)
     raw, info = (torch.stack(t) for t in zip(*(raw_tiles[i] for i in range(n))))
-    normalize = data.DeviceNormalize([ds], CPU)
-    dev = data.augment_on_device(crops, normalize.physical(raw, info), info[:, 0], data.StepRandom(0, 0, 0, 1, n, CPU),
-                                 normalize)
+    normalise = data.DeviceNormalise([ds], CPU)
+    dev = data.augment_on_device(crops, normalise.physical(raw, info), info[:, 0], data.StepRandom(0, 0, 0, 1, n, CPU),
+                                 normalise)
     for a, b in zip(cpu, dev):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(b.mean((0, 2, 3)), a.mean((0, 2, 3)), atol=0.1)
@@ -687,9 +687,9 @@ def test_no_spectral_jitter_where_the_scene_has_no_value_scale(tmp_path, cache_d
         assert all(torch.equal(u, v) for u, v in zip(a, b)) == same
         raw, info = (torch.stack(t) for t in zip(*(data.RandomTiles([ds], 16, 0, labels=False, raw=True)[i]
                                                     for i in range(4))))
-        normalize = data.DeviceNormalize([ds], CPU)
+        normalise = data.DeviceNormalise([ds], CPU)
         rnd = lambda: data.StepRandom(0, 0, 0, 1, 4, CPU)  # noqa: E731 - the same draws for both
-        a, b = (data.augment_on_device(m, normalize.physical(raw, info), info[:, 0], rnd(), normalize) for m in (on, off))
+        a, b = (data.augment_on_device(m, normalise.physical(raw, info), info[:, 0], rnd(), normalise) for m in (on, off))
         assert all(torch.equal(u, v) for u, v in zip(a, b)) == same
     pretrain_dino.multi_crop(pretrain_dino.parse_args([]), [counts, refl])
     assert "notice: no spectral jitter on counts:" in capsys.readouterr().out

@@ -132,7 +132,7 @@ def test_probe_block_reads_the_chosen_block(tmp_path, cache_dir):
     vit = build_backbone("vit", "tiny", 8, img_size=16).eval()
     feats = [evaluation.pixel_features(vit, ds, 16, 4, 8, CPU, torch.float32, b) for b in (1, 2, 12)]
     assert feats[0].shape == (192, 32, 32)
-    x = torch.from_numpy(ds.normalize(ds.crop(0, 0, 0, 16, 16)[0]))[None]
+    x = torch.from_numpy(ds.normalise(ds.crop(0, 0, 0, 16, 16)[0]))[None]
     block2 = vit.intermediate_layers(x, [1])[0][1]  # (1, D, 2, 2) tokens of block 2
     up = torch.nn.functional.interpolate(block2, size=(16, 16), mode="bilinear", align_corners=False)[0]
     # The corner window is the only one covering pixels (0..11, 0..11) (window 16, overlap 4): features equal.

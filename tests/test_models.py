@@ -113,7 +113,7 @@ def test_loss_is_on_masked_patches_only():
     x = torch.randn(2, 6, 32, 32)
     torch.manual_seed(1)
     loss, (pred,), (masked,) = mae(x)
-    target = mae.normalize_targets(torch.gather(patchify(x, 8), 1, masked[..., None].expand(-1, -1, 6 * 64)))
+    target = mae.normalise_targets(torch.gather(patchify(x, 8), 1, masked[..., None].expand(-1, -1, 6 * 64)))
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
     var, mean = torch.var_mean(target, dim=-1)
     torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)

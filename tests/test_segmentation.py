@@ -80,7 +80,7 @@ def test_sliding_window_equals_single_pass(scene, cache_dir):
     ds = data.load_dataset(scene, cache_dir=cache_dir)
     torch.manual_seed(0)
     model = SegmentationModel(build_backbone("vit", "tiny", 16, img_size=40), "linear", 3).eval()
-    full = model(torch.from_numpy(ds.normalize(ds.crop(0, 0, 0, 40, 40)[0]))[None])[0]
+    full = model(torch.from_numpy(ds.normalise(ds.crop(0, 0, 0, 40, 40)[0]))[None])[0]
     one, labels = segmentation.sliding(model, ds, 0, 40, 10, 4, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(one, full)
     assert (labels == ds.crop(0, 0, 0, 40, 40)[1]).all()
@@ -100,7 +100,7 @@ def test_whole_scene_cdcnn_inference_equals_tiles_where_tiles_have_full_context(
     assert whole.shape == (3, 40, 40) and (labels == data.scene_labels(ds)).all()
     margin = 2  # the 5x5 first layer's reach
     for y, x in data.grid_windows(40, 40, 16, 8):
-        tile = torch.from_numpy(ds.normalize(ds.crop(0, y, x, 16, 16)[0]))[None]
+        tile = torch.from_numpy(ds.normalise(ds.crop(0, y, x, 16, 16)[0]))[None]
         with torch.no_grad():
             out = model(tile)[0]
         inner = (slice(None), slice(margin, 16 - margin), slice(margin, 16 - margin))
