@@ -222,6 +222,7 @@ def table(rows):
         ref = index.get((reference, r["mode"], r["labels"]))
         d = {k: paired(dict(zip(r["split_seeds"], r[k])), dict(zip(ref["split_seeds"], ref[k])))
              for k in ("oa", "miou", "boundary_oa") if ref is not None and k in r and k in ref}
+        d = {k: v for k, v in d.items() if v[3]}  # no common seed yet: no difference to show
         oa, miou, edge = (f"{d[k][0]:+.2f} ± {d[k][1]:.2f}" if k in d else "-" for k in ("oa", "miou", "boundary_oa"))
         row = [r["name"], r["mode"], r["labels"], str(len(r["split_seeds"]))] + [mean_std(r[k]) for k in METRICS]
         row += [reference or "-", oa, miou, f"{d['oa'][2]}/{d['oa'][3]}" if "oa" in d else "-"]
