@@ -91,7 +91,8 @@ def parse_budget(label):
 def cells(args, configs):
     """Every (name, mode, budget label, seed, out dir, script, argv)."""
     out, seeds = [], [int(s) for s in args.seeds.split(",")]
-    for name, mode, label, seed in itertools.product(configs, args.modes.split(","), args.budget, seeds):
+    # seed-outer: a run cut short leaves whole seeds, so its rows are paired already
+    for seed, name, mode, label in itertools.product(seeds, configs, args.modes.split(","), args.budget):
         if mode not in MODES:
             raise ValueError(f"--modes: unknown mode {mode!r}; available: {', '.join(MODES)}")
         script, mode_flags = MODES[mode]
