@@ -9,6 +9,7 @@ import pytest
 import tifffile
 import torch
 
+import common
 import data
 import eval as evaluation
 import finetune_seg
@@ -32,6 +33,23 @@ def test_finetune_then_eval_on_scene(scene, tmp_path):
     assert os.path.isfile(out / "eval-test" / "prediction_0.png") and os.path.isfile(out / "eval-test" / "attention_0.png")
 
 
+def test_a_semi_checkpoint_is_evaluated_with_its_teacher_or_its_student(scene, tmp_path):
+    out = tmp_path / "semi"
+    finetune_seg.main(seg_args(scene, out, "--backbone", "pixel", "--steps", "3", "--eval-every", "3", "--semi", "1"))
+    ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
+    for student, key in ((False, "teacher"), (True, "model")):
+        model, _ = evaluation.load_model(str(out / "ckpt.pt"), CPU, student)
+        assert all(torch.equal(v, ckpt[key][k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(ckpt["teacher"][k], v) for k, v in ckpt["model"].items())  # two models indeed
+    m = evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--pictures", "0"])
+    assert m["oa"] == json.load(open(out / "eval.json"))["oa"]  # what the run reported: its teacher
+    evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--pictures", "0", "--student"])
+    assert os.path.isfile(out / "eval-test-student" / "metrics.json")
+    finetune_seg.main(seg_args(scene, tmp_path / "sup", "--backbone", "pixel", "--steps", "1"))
+    with pytest.raises(ValueError, match="sup/ckpt.pt: --student needs a checkpoint of finetune_seg.py --semi"):
+        evaluation.main(["--ckpt", str(tmp_path / "sup" / "ckpt.pt"), "--student"])
+
+
 def test_eval_refuses_mismatched_bands_or_classes(scene, tmp_path):
     out = tmp_path / "ft"
     finetune_seg.main(seg_args(scene, out, "--backbone", "pixel", "--steps", "2"))
@@ -51,7 +69,7 @@ def test_checkpoints_record_the_bands_and_read_the_next_product_with_them(tmp_pa
     out = tmp_path / "run"
     finetune_seg.main(["--data", first, "--out", str(out), "--backbone", "pixel",
                        "--img-size", "16", "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--workers", "0"])
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["backbone"]["bands"] == {"ids": [0, 1, 3, 4, 5], "wavelengths": [500.0, 600.0, 800.0, 900.0, 1000.0]}
     # The next product: band 2 valid, band 5 a little off in wavelength. It is read with the checkpoint's bands.
     nxt = write_scene(tmp_path / "next", bands=6, size=24, nodata=0, seed=1,
@@ -73,7 +91,7 @@ def test_pca_training_and_evaluation_at_a_larger_window(scene, tmp_path):
     out = tmp_path / "pca"
     finetune_seg.main(seg_args(scene, out, "--pca", "3", "--decoder", "conv", "--finetune",
                                "--layer-decay", "0.75", "--drop-path", "0.1"))
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["backbone"]["in_chans"] == 3 and len(ckpt["segmentation"]["pca"]) == 3
     assert ckpt["backbone"]["drop_path_rate"] == 0.1
     # Trained on 16 px tiles; evaluated on 32 px windows through position-embedding interpolation.
