@@ -82,7 +82,7 @@ def dino_case(args, backbone, B, device):
 
     def loss(m):  # the EMA update is part of the step
         with torch.no_grad():
-            pretrain_dino.ema_update(teacher, student, 0.999)
+            common.ema_update(teacher, student, 0.999)
         return criterion(m(g, loc, masks), pretrain_dino.teacher_forward(teacher, g, masks), masks, 0.07)[0]
     return student, student.parameters(), loss, pretrain_dino.flops_per_tile(targs, student)
 

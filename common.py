@@ -175,6 +175,19 @@ def all_reduce_sum(t):
     return t
 
 
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and floating buffers
+    (BatchNorm statistics) alike; integer buffers (counters) are copied. DINO's teacher and --semi's."""
+    pairs = list(zip([*teacher.parameters(), *teacher.buffers()], [*student.parameters(), *student.buffers()]))
+    floats = [(t, s.detach()) for t, s in pairs if t.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_(*map(list, zip(*floats)), 1 - momentum)
+    for t, s in pairs:
+        if not t.is_floating_point():
+            t.copy_(s)
+
+
 def broadcast_buffers(module):
     """Rank 0's buffers (BatchNorm running statistics) on every rank, before evaluating."""
     if dist.is_initialized():

@@ -148,17 +148,6 @@ SPECTRAL_DROP = 0.1      # chance that a band of a tile is set to its scene mean
 SPECTRAL_GAIN = 0.05     # per-band gain of the reflectance within 1 +- this (calibration, atmosphere)
 
 
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and floating buffers
-    (BatchNorm statistics) alike; integer buffers (counters) are copied."""
-    for t, s in zip([*teacher.parameters(), *teacher.buffers()], [*student.parameters(), *student.buffers()]):
-        if t.is_floating_point():
-            t.lerp_(s.detach(), 1 - momentum)
-        else:
-            t.copy_(s)
-
-
 def cutmix_masks(u, size):
     """(B, 1, size, size) bool: per sample one square box of side CUTMIX_BOX x size at the uniforms u (B, 2)."""
     side = max(1, int(round(CUTMIX_BOX * size)))
@@ -350,7 +339,7 @@ def train(args, rank, world, device):
                 terms = {"semi_loss": semi, "confident": confident}
             common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
             if teacher is not None:
-                ema_update(teacher, model, TEACHER_MOMENTUM)
+                common.ema_update(teacher, model, TEACHER_MOMENTUM)
                 common.broadcast_buffers(teacher)  # each rank's BatchNorm statistics saw its own batch: take rank 0's
             meters.add(loss=loss, **terms)
         done = step + 1

@@ -234,13 +234,6 @@ def initial_teacher_share(momentum_schedule):
     return float(np.prod(momentum_schedule))
 
 
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    t, s = list(teacher.parameters()), list(student.parameters())
-    torch._foreach_mul_(t, momentum)
-    torch._foreach_add_(t, s, alpha=1 - momentum)
-
-
 class TokenMask(NamedTuple):
     """One stream's iBOT mask: (n, N) bool, the flat indices of the M masked tokens, their weights (M may be 0)."""
     bool: torch.Tensor
@@ -337,7 +330,7 @@ def train(args, rank, world, device):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            ema_update(teacher, student, float(sched["momentum"][step]))
+            common.ema_update(teacher, student, float(sched["momentum"][step]))
             meters.add(loss=loss, **terms)
         done = step + 1
         save, stop = checkpoints.due(done)

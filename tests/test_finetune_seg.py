@@ -269,7 +269,7 @@ def test_teacher_is_an_ema_of_the_student():
     teacher = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     student(torch.randn(5, 3))  # running statistics and the batch counter move
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    finetune_seg.ema_update(teacher, student, 0.9)
+    common.ema_update(teacher, student, 0.9)
     for k, v in teacher.state_dict().items():
         s, t = student.state_dict()[k], before[k]
         expected = s if k.endswith("num_batches_tracked") else 0.9 * t + 0.1 * s

@@ -90,7 +90,7 @@ def test_momentum_schedule_and_initial_teacher_share():
     teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
     nn.init.ones_(teacher.weight), nn.init.zeros_(student.weight)
     for m in default:
-        pretrain_dino.ema_update(teacher, student, float(m))
+        common.ema_update(teacher, student, float(m))
     assert teacher.weight.mean().item() == pytest.approx(pretrain_dino.initial_teacher_share(default), rel=1e-4)
 
 
