@@ -31,9 +31,8 @@ AUX_WEIGHT = 0.4  # DeepLabV3+'s auxiliary FCN head (mmseg's recipe)
 # Lee & Kwon's transfer of a cross-domain CNN: SGD with momentum 0.9, lr x0.1 at 60% and 80% of 100 steps
 # (the `step` schedule), 24 px tiles; the gradient clipping is ours (without it the new layers diverge).
 # Without the preset: AdamW and the poly schedule of segmentation (warm-up, then (1 - t)^0.9).
-PRESETS = {**models.PRESETS, "leekwon": dict(optimizer="sgd", schedule="step", weight_decay=0.005, steps=100,
-                                             warmup_steps=0, img_size=24, batch_size=8, clip_grad=1.0,
-                                             eval_every=100)}
+PRESETS = {**models.PRESETS, "leekwon": dict(weight_decay=0.005, steps=100, warmup_steps=0, img_size=24,
+                                             batch_size=8, clip_grad=1.0, eval_every=100)}  # and SGD, `step`
 
 
 def parse_args(argv=None):
@@ -276,7 +275,7 @@ def train(args, rank, world, device):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = param_groups(args, model)
-    sgd = getattr(args, "optimizer", None) == "sgd"  # --preset leekwon
+    sgd = args.preset == "leekwon"  # its optimizer and schedule, which no flag chooses
     optimizer = common.sgd(groups, args.lr) if sgd else common.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lr_schedule = (common.step_schedule(args.lr, args.steps) if sgd
