@@ -179,7 +179,8 @@ def all_reduce_sum(t):
 def ema_update(teacher, student, momentum):
     """teacher <- momentum * teacher + (1 - momentum) * student, parameters and floating buffers
     (BatchNorm statistics) alike; integer buffers (counters) are copied. DINO's teacher and --semi's."""
-    pairs = list(zip([*teacher.parameters(), *teacher.buffers()], [*student.parameters(), *student.buffers()]))
+    pairs = list(zip([*teacher.parameters(), *teacher.buffers()], [*student.parameters(), *student.buffers()],
+                     strict=True))
     floats = [(t, s.detach()) for t, s in pairs if t.is_floating_point()]
     if floats:
         torch._foreach_lerp_(*map(list, zip(*floats)), 1 - momentum)

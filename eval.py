@@ -208,14 +208,14 @@ def load_model(ckpt_path, device, student=False):
     alone (enough for attention maps)."""
     ckpt = common.load_checkpoint(ckpt_path)
     backbone = build_backbone(**ckpt["backbone"])
+    if student and ckpt.get("segmentation", {}).get("weights") != "teacher":
+        raise ValueError(f"{ckpt_path}: --student needs a checkpoint of finetune_seg.py --semi (this one has no "
+                         "teacher: its model is the only one)")
     if "segmentation" not in ckpt:
         backbone.load_state_dict(common.backbone_weights(ckpt))
         return backbone.to(device).eval(), ckpt
     seg = ckpt["segmentation"]
     model = SegmentationModel(backbone, seg["decoder"], seg["num_classes"], full_res=seg["full_res"])
-    if student and "teacher" not in ckpt:
-        raise ValueError(f"{ckpt_path}: --student needs a checkpoint of finetune_seg.py --semi (this one has no "
-                         "teacher: its model is the only one)")
     model.load_state_dict(ckpt["model" if student else seg["weights"]])  # the model, or with --semi the teacher
     return model.to(device).eval(), ckpt
 
@@ -298,6 +298,8 @@ def main(argv=None):
     _, _, device = common.init_distributed(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     if args.probe:
+        if args.student:
+            raise ValueError("--student: a probe reads a pre-trained backbone, not a --semi run's student")
         return probe_main(args, device, dtype)
     model, ckpt = load_model(args.ckpt, device, args.student)
     ds, label_mask = load_eval_data(args, ckpt)

@@ -194,12 +194,11 @@ def spectral_offset(ds):
 def spectral_perturb(x, rnd, offset):
     """The strong view's spectral perturbations of normalised tiles x (B, C, H, W), from rnd (a StepRandom):
     a per-band gain where `offset` (C,) is given (spectral_offset), Gaussian noise, then band dropout."""
-    B, C, H, W = x.shape
+    C = x.shape[1]
     if offset is not None:
         gain = 1 + SPECTRAL_GAIN * (2 * rnd.uniform(C) - 1)  # (B, C)
-        x = x * gain[:, :, None, None] + ((gain - 1) * offset.to(x.device))[:, :, None, None]
-    u = rnd.uniform(C, H, W).clamp(1e-6, 1 - 1e-6)
-    x = x + SPECTRAL_NOISE * 2 ** 0.5 * torch.erfinv(2 * u - 1)  # uniforms -> standard normal
+        x = x * gain[:, :, None, None] + ((gain - 1) * offset)[:, :, None, None]
+    x = x + SPECTRAL_NOISE * rnd.normal(*x.shape[1:])
     return x * (rnd.uniform(C) >= SPECTRAL_DROP)[:, :, None, None]
 
 
@@ -298,6 +297,7 @@ def train(args, rank, world, device):
                                       data.Augment(flips=True), labels=False)
         u_batches = iter(data.step_loader(unlabelled, args.batch_size, start, rank, world, args.workers, device))
         offset = spectral_offset(train_ds) if args.semi_spectral else None
+        offset = None if offset is None else offset.to(device)
         if args.semi_spectral and offset is None:
             common.print0("notice: --semi-spectral without the per-band gain: the scene has no value_scale (not "
                           "reflectance) or its channels are not bands (--pca, the wavelength grid)")

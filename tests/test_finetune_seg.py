@@ -240,7 +240,7 @@ def test_transfer_to_an_unseen_sensor(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- semi-supervised (--semi)
 
-def write_toy(folder, size=32, seed=0):
+def write_toy(folder, size=32, seed=0, **meta):
     """Two classes told apart by band 0 (clusters at -1 and +1 with a gap between) beside a nuisance band 1
     of larger spread: one labelled pixel per class leaves the boundary tilted towards band 1; the
     unlabelled pixels' clusters tell where it belongs."""
@@ -253,7 +253,7 @@ def write_toy(folder, size=32, seed=0):
                      photometric="minisblack")
     tifffile.imwrite(os.path.join(folder, "gt.tif"), gt)
     with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump({"name": "toy", "class_names": ["a", "b"]}, f)
+        json.dump({"name": "toy", "class_names": ["a", "b"], **meta}, f)
     return str(folder)
 
 
@@ -328,16 +328,20 @@ def test_spectral_noise_and_band_dropout():
 
 
 def test_spectral_gain_needs_reflectance_bands(tmp_path):
-    ds = data.load_dataset(write_toy(tmp_path / "toy"))
-    assert finetune_seg.spectral_offset(ds) is None  # raw counts: no value_scale
-    ds.value_scale = 1e-4
-    torch.testing.assert_close(finetune_seg.spectral_offset(ds), torch.as_tensor(ds.mean / ds.std).float())
+    assert finetune_seg.spectral_offset(data.load_dataset(write_toy(tmp_path / "raw"))) is None  # no value_scale
+    ds = data.load_dataset(write_toy(tmp_path / "toy", value_scale=1e-4))
+    assert finetune_seg.spectral_offset(ds) is not None
+    ds.pca = np.eye(2, 3, dtype=np.float32)  # the channels are components, not bands
+    assert finetune_seg.spectral_offset(ds) is None
+    ds.pca, ds.grid_matrix = None, np.eye(3, dtype=np.float32)  # points of the wavelength grid
+    assert finetune_seg.spectral_offset(ds) is None
 
 
-def test_resume_with_semi_is_exact(tmp_path, monkeypatch):
-    scene = write_toy(tmp_path / "toy")
+@pytest.mark.parametrize("spectral", [[], ["--semi-spectral"]], ids=["cutmix", "spectral"])
+def test_resume_with_semi_is_exact(tmp_path, monkeypatch, spectral):
+    scene = write_toy(tmp_path / "toy", value_scale=1e-4)  # reflectance: --semi-spectral's gain too
     args = toy_args(scene, tmp_path / "full", "--steps", "6", "--eval-every", "6", "--semi", "1", "--ckpt-every", "3",
-                    "--semi-spectral")
+                    *spectral)
     finetune_seg.main(args)
     real, calls = finetune_seg.semi_views, [0]
 
