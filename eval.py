@@ -202,21 +202,21 @@ def normalise(a):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def load_model(ckpt_path, device, student=False):
-    """A checkpoint -> (model, ckpt). Segmentation checkpoints give a SegmentationModel (`student`: a --semi
-    run's student, not the EMA teacher it saved as its result); pre-training checkpoints give their backbone
-    alone (enough for attention maps)."""
+def load_model(ckpt_path, device, teacher=False):
+    """A checkpoint -> (model, ckpt). Segmentation checkpoints give a SegmentationModel (`teacher`: a --semi
+    run's EMA teacher, not the model it reported); pre-training checkpoints give their backbone alone (enough
+    for attention maps)."""
     ckpt = common.load_checkpoint(ckpt_path)
     backbone = build_backbone(**ckpt["backbone"])
-    if student and ckpt.get("segmentation", {}).get("weights") != "teacher":
-        raise ValueError(f"{ckpt_path}: --student needs a checkpoint of finetune_seg.py --semi (this one has no "
-                         "teacher: its model is the only one)")
+    if teacher and ("segmentation" not in ckpt or "teacher" not in ckpt):
+        raise ValueError(f"{ckpt_path}: --teacher needs a checkpoint of finetune_seg.py --semi (this one has no "
+                         "segmentation teacher)")
     if "segmentation" not in ckpt:
         backbone.load_state_dict(common.backbone_weights(ckpt))
         return backbone.to(device).eval(), ckpt
     seg = ckpt["segmentation"]
     model = SegmentationModel(backbone, seg["decoder"], seg["num_classes"], full_res=seg["full_res"])
-    model.load_state_dict(ckpt["model" if student else seg["weights"]])  # the model, or with --semi the teacher
+    model.load_state_dict(ckpt["teacher" if teacher else "model"])
     return model.to(device).eval(), ckpt
 
 
@@ -259,8 +259,8 @@ def parse_args(argv=None):
                    "the whole scene for fully convolutional backbones); e.g. 512 for whole WHU-OHS tiles")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="default: <checkpoint dir>/eval-<split> (probes: runs/probe)")
-    p.add_argument("--student", action="store_true", help="a finetune_seg.py --semi checkpoint's student "
-                   "(default: what the run evaluated, its EMA teacher)")
+    p.add_argument("--teacher", action="store_true", help="a finetune_seg.py --semi checkpoint's EMA teacher "
+                   "(default: its student, what the run reported; measured level, results/ip_semi900.md)")
     p.add_argument("--attention", action="store_true", help="also save last-block attention maps per head "
                    "(spatial; and spectral for ssvit/sst)")
     p.add_argument("--pictures", type=int, default=4, help="rasters (or attention windows) to draw")
@@ -298,10 +298,10 @@ def main(argv=None):
     _, _, device = common.init_distributed(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     if args.probe:
-        if args.student:
-            raise ValueError("--student: a probe reads a pre-trained backbone, not a --semi run's student")
+        if args.teacher:
+            raise ValueError("--teacher: a probe reads a pre-trained backbone, not a --semi run's teacher")
         return probe_main(args, device, dtype)
-    model, ckpt = load_model(args.ckpt, device, args.student)
+    model, ckpt = load_model(args.ckpt, device, args.teacher)
     ds, label_mask = load_eval_data(args, ckpt)
     if ckpt.get("segmentation", {}).get("pca"):  # trained on principal components: project the same way
         ds.pca = np.asarray(ckpt["segmentation"]["pca"], np.float32)
@@ -312,7 +312,7 @@ def main(argv=None):
                              ckpt["args"].get("img_size") or ckpt["backbone"].get("img_size", 64))
     overlap = (window or 0) // 4
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                   f"eval-{args.split}" + ("-student" if args.student else ""))
+                                   f"eval-{args.split}" + ("-teacher" if args.teacher else ""))
     os.makedirs(out, exist_ok=True)
     backbone = model.backbone if "segmentation" in ckpt else model
     if args.attention:

@@ -71,8 +71,6 @@ def parse_args(argv=None):
     p.add_argument("--semi-spectral", action="store_true", help="with --semi: also perturb the strong view's "
                    "spectra, keeping each pixel's class: Gaussian noise, band dropout and (on reflectance) a "
                    "per-band gain")
-    p.add_argument("--eval-student", action="store_true", help="with --semi: evaluate and save the student "
-                   "(default: the EMA teacher)")
     common.add_run_args(p, out="runs/seg")
     return common.parse_with_preset(p, argv, PRESETS)
 
@@ -313,9 +311,7 @@ def train(args, rank, world, device):
     extra = {"segmentation": {"decoder": args.decoder, "num_classes": train_ds.num_classes, "blocks": model.blocks,
                               "full_res": model.full_res is not None,
                               "pca": None if pca is None else pca.tolist(), "classes": classes,
-                              "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone,
-                              "weights": "model" if teacher is None or args.eval_student else "teacher"}}
-    evaluated = model if teacher is None or args.eval_student else teacher
+                              "class_names": train_ds.class_names, "frozen_backbone": model.frozen_backbone}}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not common.is_main())
     for step in bar:
         with common.no_host_sync(args.sync_debug, device):
@@ -348,7 +344,7 @@ def train(args, rank, world, device):
             stats = logger.scalars(done, stats, images=args.batch_size * world)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", mfu=f"{stats.get('mfu', 0):.1%}")
         if done % args.eval_every == 0 or done == args.steps:
-            metrics = log_evaluation(logger, evaluated, eval_ds, eval_mask, args, device, dtype, done)
+            metrics = log_evaluation(logger, model, eval_ds, eval_mask, args, device, dtype, done)
             common.print0(f"\nstep {done} {'held-out pixels' if eval_mask is not None else 'val'}:\n"
                           + format_table(metrics))
             if eval_mask is None and metrics["miou"] > best:  # select on val only, never on test pixels

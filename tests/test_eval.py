@@ -33,21 +33,21 @@ def test_finetune_then_eval_on_scene(scene, tmp_path):
     assert os.path.isfile(out / "eval-test" / "prediction_0.png") and os.path.isfile(out / "eval-test" / "attention_0.png")
 
 
-def test_a_semi_checkpoint_is_evaluated_with_its_teacher_or_its_student(scene, tmp_path):
+def test_a_semi_checkpoint_is_evaluated_with_its_student_or_its_teacher(scene, tmp_path):
     out = tmp_path / "semi"
     finetune_seg.main(seg_args(scene, out, "--backbone", "pixel", "--steps", "3", "--eval-every", "3", "--semi", "1"))
     ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
-    for student, key in ((False, "teacher"), (True, "model")):
-        model, _ = evaluation.load_model(str(out / "ckpt.pt"), CPU, student)
+    for teacher, key in ((False, "model"), (True, "teacher")):
+        model, _ = evaluation.load_model(str(out / "ckpt.pt"), CPU, teacher)
         assert all(torch.equal(v, ckpt[key][k]) for k, v in model.state_dict().items())
     assert any(not torch.equal(ckpt["teacher"][k], v) for k, v in ckpt["model"].items())  # two models indeed
     m = evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--pictures", "0"])
-    assert m["oa"] == json.load(open(out / "eval.json"))["oa"]  # what the run reported: its teacher
-    evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--pictures", "0", "--student"])
-    assert os.path.isfile(out / "eval-test-student" / "metrics.json")
+    assert m["oa"] == json.load(open(out / "eval.json"))["oa"]  # what the run reported: its student
+    evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--pictures", "0", "--teacher"])
+    assert os.path.isfile(out / "eval-test-teacher" / "metrics.json")
     finetune_seg.main(seg_args(scene, tmp_path / "sup", "--backbone", "pixel", "--steps", "1"))
-    with pytest.raises(ValueError, match="sup/ckpt.pt: --student needs a checkpoint of finetune_seg.py --semi"):
-        evaluation.main(["--ckpt", str(tmp_path / "sup" / "ckpt.pt"), "--student"])
+    with pytest.raises(ValueError, match="sup/ckpt.pt: --teacher needs a checkpoint of finetune_seg.py --semi"):
+        evaluation.main(["--ckpt", str(tmp_path / "sup" / "ckpt.pt"), "--teacher"])
 
 
 def test_eval_refuses_mismatched_bands_or_classes(scene, tmp_path):
