@@ -1209,15 +1209,6 @@ class StepRandom:
         state = np.random.SeedSequence([seed, stream, step]).generate_state(1, np.uint64)[0]
         self.gen = torch.Generator(device).manual_seed(int(state))
         self.rows, self.total, self.device = slice(rank * batch, (rank + 1) * batch), world * batch, device
-        self.key, self.batch = (seed, stream, step, rank), batch
-
-    def normal(self, *shape):
-        """(batch, *shape) standard normals drawn by this rank alone, from a generator seeded by (seed, stream,
-        step, rank): for draws too large to make for the whole global batch (per-pixel noise). A resumed run
-        redraws them exactly; 1 and N ranks draw different ones."""
-        state = np.random.SeedSequence([*self.key, 1]).generate_state(1, np.uint64)[0]
-        gen = torch.Generator(self.device).manual_seed(int(state))
-        return torch.randn(self.batch, *shape, generator=gen, device=self.device)
 
     def uniform(self, *shape):
         """(batch, *shape) uniforms in [0, 1) for this rank's samples."""

@@ -68,9 +68,6 @@ def parse_args(argv=None):
                    "less confidence teach nothing")
     p.add_argument("--semi-rampup", type=int, default=0, help="with --semi: steps over which its weight grows "
                    "linearly from 0")
-    p.add_argument("--semi-spectral", action="store_true", help="with --semi: also perturb the strong view's "
-                   "spectra, keeping each pixel's class: Gaussian noise, band dropout and (on reflectance) a "
-                   "per-band gain")
     common.add_run_args(p, out="runs/seg")
     return common.parse_with_preset(p, argv, PRESETS)
 
@@ -139,10 +136,6 @@ def add_pca(args, train_ds, eval_ds, train_mask):
 
 TEACHER_MOMENTUM = 0.99  # Mean Teacher's EMA of the student
 CUTMIX_BOX = 0.5         # side of the pasted box, as a share of the tile's (CutMix-Seg)
-# --semi-spectral, in normalised units (a band's scene std): small beside the differences between classes
-SPECTRAL_NOISE = 0.1     # std of the Gaussian noise added to every value
-SPECTRAL_DROP = 0.1      # chance that a band of a tile is set to its scene mean
-SPECTRAL_GAIN = 0.05     # per-band gain of the reflectance within 1 +- this (calibration, atmosphere)
 
 
 def cutmix_masks(u, size):
@@ -171,33 +164,11 @@ def semi_loss(student_logits, teacher_probs, threshold):
 
 
 @torch.no_grad()
-def semi_views(teacher, x_u, rnd, spectral=False, offset=None):
+def semi_views(teacher, x_u, rnd):
     """The weak view x_u (B, C, H, W) (flipped tiles) -> the strong view (each tile with a box of the next
-    one pasted in; with `spectral` also spectral_perturb) and the teacher's class probabilities on the weak
-    view mixed with the same boxes."""
+    one pasted in) and the teacher's class probabilities on the weak view mixed with the same boxes."""
     mask = cutmix_masks(rnd.uniform(2), x_u.shape[-1])
-    strong = spectral_perturb(cutmix(x_u, mask), rnd, offset) if spectral else cutmix(x_u, mask)
-    return strong, cutmix(teacher(x_u).float().softmax(1), mask)
-
-
-def spectral_offset(ds):
-    """mean / std per input channel: a reflectance gain g moves a normalised value z to g z + (g - 1) mean /
-    std. None where a gain has no physical meaning (no value scale: raw counts) or the channels are not the
-    bands (PCA, the wavelength grid)."""
-    if ds.value_scale is None or ds.pca is not None or ds.grid_matrix is not None:
-        return None
-    return torch.as_tensor(ds.mean / ds.std, dtype=torch.float32)
-
-
-def spectral_perturb(x, rnd, offset):
-    """The strong view's spectral perturbations of normalised tiles x (B, C, H, W), from rnd (a StepRandom):
-    a per-band gain where `offset` (C,) is given (spectral_offset), Gaussian noise, then band dropout."""
-    C = x.shape[1]
-    if offset is not None:
-        gain = 1 + SPECTRAL_GAIN * (2 * rnd.uniform(C) - 1)  # (B, C)
-        x = x * gain[:, :, None, None] + ((gain - 1) * offset)[:, :, None, None]
-    x = x + SPECTRAL_NOISE * rnd.normal(*x.shape[1:])
-    return x * (rnd.uniform(C) >= SPECTRAL_DROP)[:, :, None, None]
+    return cutmix(x_u, mask), cutmix(teacher(x_u).float().softmax(1), mask)
 
 
 def split_logits(logits, n):
@@ -294,11 +265,6 @@ def train(args, rank, world, device):
         unlabelled = data.RandomTiles([train_ds if eval_mask is None else eval_ds], args.img_size, args.seed + 1,
                                       data.Augment(flips=True), labels=False)
         u_batches = iter(data.step_loader(unlabelled, args.batch_size, start, rank, world, args.workers, device))
-        offset = spectral_offset(train_ds) if args.semi_spectral else None
-        offset = None if offset is None else offset.to(device)
-        if args.semi_spectral and offset is None:
-            common.print0("notice: --semi-spectral without the per-band gain: the scene has no value_scale (not "
-                          "reflectance) or its channels are not bands (--pca, the wavelength grid)")
     peak, source = common.peak_tflops(device, dtype)
     flops, ratio = train_flops(model, train_ds.bands, args, device)
     semi = f" (--semi: {ratio:.2f}x a supervised step)" if args.semi else ""
@@ -326,7 +292,7 @@ def train(args, rank, world, device):
             else:  # labelled and strong views in one forward (one DDP reduction, shared BatchNorm statistics)
                 rnd = data.StepRandom(args.seed, step, rank, world, args.batch_size, device, stream=11)
                 with common.autocast(device, dtype):
-                    strong, targets = semi_views(teacher, next(u_batches)[0], rnd, args.semi_spectral, offset)
+                    strong, targets = semi_views(teacher, next(u_batches)[0], rnd)
                     logits, strong_logits = split_logits(ddp(torch.cat([x, strong])), len(x))
                 semi, confident = semi_loss(strong_logits, targets, args.semi_threshold)
                 weight = args.semi * min(1.0, step / args.semi_rampup) if args.semi_rampup else args.semi

@@ -240,7 +240,7 @@ def test_transfer_to_an_unseen_sensor(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- semi-supervised (--semi)
 
-def write_toy(folder, size=32, seed=0, **meta):
+def write_toy(folder, size=32, seed=0):
     """Two classes told apart by band 0 (clusters at -1 and +1 with a gap between) beside a nuisance band 1
     of larger spread: one labelled pixel per class leaves the boundary tilted towards band 1; the
     unlabelled pixels' clusters tell where it belongs."""
@@ -253,7 +253,7 @@ def write_toy(folder, size=32, seed=0, **meta):
                      photometric="minisblack")
     tifffile.imwrite(os.path.join(folder, "gt.tif"), gt)
     with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump({"name": "toy", "class_names": ["a", "b"], **meta}, f)
+        json.dump({"name": "toy", "class_names": ["a", "b"]}, f)
     return str(folder)
 
 
@@ -300,48 +300,9 @@ def test_cutmix_targets_match_the_mixed_inputs():
     torch.testing.assert_close(targets, model(strong).softmax(1))
 
 
-def test_spectral_gain_is_a_reflectance_gain_per_band(monkeypatch):
-    monkeypatch.setattr(finetune_seg, "SPECTRAL_NOISE", 0.0)
-    monkeypatch.setattr(finetune_seg, "SPECTRAL_DROP", 0.0)
-    rng = np.random.default_rng(0)
-    mean, std = rng.uniform(0.1, 0.4, 6), rng.uniform(0.02, 0.1, 6)
-    reflectance = (mean[:, None, None] + std[:, None, None] * rng.standard_normal((2, 6, 4, 4))).astype(np.float32)
-    z = torch.from_numpy((reflectance - mean[:, None, None]) / std[:, None, None]).float()
-    offset = torch.from_numpy(mean / std).float()
-    out = finetune_seg.spectral_perturb(z, data.StepRandom(0, 3, 0, 1, 2, torch.device("cpu")), offset)
-    gain = 1 + finetune_seg.SPECTRAL_GAIN * (2 * data.StepRandom(0, 3, 0, 1, 2, torch.device("cpu")).uniform(6) - 1)
-    expected = (gain[:, :, None, None].numpy() * reflectance - mean[:, None, None]) / std[:, None, None]
-    torch.testing.assert_close(out, torch.from_numpy(expected).float(), atol=1e-4, rtol=1e-4)
-    assert (gain - 1).abs().max() <= finetune_seg.SPECTRAL_GAIN and gain.std() > 0  # per band, within bounds
-
-
-def test_spectral_noise_and_band_dropout():
-    torch.manual_seed(0)
-    x = torch.randn(64, 8, 16, 16)
-    out = finetune_seg.spectral_perturb(x, data.StepRandom(1, 0, 0, 1, 64, torch.device("cpu")), None)
-    dropped = (out == 0).all(-1).all(-1)  # (tile, band) set to the scene mean, whole
-    assert abs(dropped.float().mean().item() - finetune_seg.SPECTRAL_DROP) < 0.03
-    noise = (out - x)[~dropped]
-    assert abs(noise.std().item() - finetune_seg.SPECTRAL_NOISE) < 0.005 and abs(noise.mean().item()) < 0.005
-    again = finetune_seg.spectral_perturb(x, data.StepRandom(1, 0, 0, 1, 64, torch.device("cpu")), None)
-    assert torch.equal(out, again)  # drawn from the step's random stream: a resumed run redraws it
-
-
-def test_spectral_gain_needs_reflectance_bands(tmp_path):
-    assert finetune_seg.spectral_offset(data.load_dataset(write_toy(tmp_path / "raw"))) is None  # no value_scale
-    ds = data.load_dataset(write_toy(tmp_path / "toy", value_scale=1e-4))
-    assert finetune_seg.spectral_offset(ds) is not None
-    ds.pca = np.eye(2, 3, dtype=np.float32)  # the channels are components, not bands
-    assert finetune_seg.spectral_offset(ds) is None
-    ds.pca, ds.grid_matrix = None, np.eye(3, dtype=np.float32)  # points of the wavelength grid
-    assert finetune_seg.spectral_offset(ds) is None
-
-
-@pytest.mark.parametrize("spectral", [[], ["--semi-spectral"]], ids=["cutmix", "spectral"])
-def test_resume_with_semi_is_exact(tmp_path, monkeypatch, spectral):
-    scene = write_toy(tmp_path / "toy", value_scale=1e-4)  # reflectance: --semi-spectral's gain too
-    args = toy_args(scene, tmp_path / "full", "--steps", "6", "--eval-every", "6", "--semi", "1", "--ckpt-every", "3",
-                    *spectral)
+def test_resume_with_semi_is_exact(tmp_path, monkeypatch):
+    scene = write_toy(tmp_path / "toy")
+    args = toy_args(scene, tmp_path / "full", "--steps", "6", "--eval-every", "6", "--semi", "1", "--ckpt-every", "3")
     finetune_seg.main(args)
     real, calls = finetune_seg.semi_views, [0]
 
