@@ -136,6 +136,7 @@ def without_fd(mm):
         raise OSError(ctypes.get_errno(), f"{mm.filename}: mmap failed")
     buffer = (ctypes.c_char * length).from_address(addr)
     weakref.finalize(buffer, libc.munmap, addr, length)
+    _MAPPED[id(buffer)] = buffer
     arr = np.frombuffer(buffer, mm.dtype, mm.size, mm.offset - start).reshape(mm.shape)
     arr.flags.writeable = False
     return arr
@@ -146,8 +147,25 @@ try:  # for without_fd
     _LIBC.mmap.restype = ctypes.c_void_p
     _LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     _LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 except (OSError, AttributeError):  # no libc mmap (Windows)
     _LIBC = None
+_MAPPED = weakref.WeakValueDictionary()  # without_fd's buffers, by id, for release
+
+
+def release(a):
+    """Drop the pages of the memory-mapped array `a` (np.memmap or without_fd's) from this process: pages
+    read through a map count as resident (peak RSS would grow to the file's size) until released; the page
+    cache keeps them. Anything else: nothing to do."""
+    if not hasattr(mmap, "MADV_DONTNEED"):  # Windows
+        return
+    if getattr(a, "_mmap", None) is not None:
+        a._mmap.madvise(mmap.MADV_DONTNEED)
+        return
+    while a is not None and not isinstance(a, ctypes.Array):  # without_fd's array -> its mapped buffer
+        a = getattr(a, "base", None)
+    if a is not None and _MAPPED.get(id(a)) is a:  # never other memory: DONTNEED zeroes anonymous pages
+        _LIBC.madvise(ctypes.addressof(a), ctypes.sizeof(a), mmap.MADV_DONTNEED)
 
 
 @contextmanager
@@ -558,6 +576,7 @@ def _scan(ds, rasters, ids):
                 v = x[:, ~invalid.any(0)]
             v = v.astype(np.float64)
             s1, s2, n = s1 + v.sum(1), s2 + (v * v).sum(1), n + v.shape[1]
+            release(ds.rasters[i].image)
     return s1, s2, n, good, total
 
 

@@ -17,7 +17,6 @@ requirements-formats.txt`.
 """
 import argparse
 import json
-import mmap
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -263,14 +262,6 @@ class Blocks:
         self.close()
 
 
-def release(a):
-    """Drop the pages of the memory map `a` from this process: pages read through a map count as resident
-    (peak RSS would grow to the file's size) until released; the page cache keeps them."""
-    mm = getattr(a, "_mmap", None)
-    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS
-        mm.madvise(mmap.MADV_DONTNEED)
-
-
 def scaled(cube, gain, offset, nodata=None):
     """Float32 raw x gain + offset per band (one gain and offset per band), in row blocks; nodata -> NaN."""
     g, o = (np.asarray(v, np.float32)[:, None, None] for v in (gain, offset))
@@ -280,7 +271,7 @@ def scaled(cube, gain, offset, nodata=None):
         out = raw.astype(np.float32) * g + o
         if nodata is not None:
             out[raw == nodata] = np.nan
-        release(cube)
+        data.release(cube)
         return out
     return Blocks(getattr(cube, "path", "image"), cube.shape, np.float32, read)
 
@@ -629,7 +620,7 @@ def write_image(path, cube, flagged=None, fill=None):
             for c in range(C):  # band c's rows y.. are contiguous in the (C, H, W) file
                 f.seek(offset + (c * H + y) * W * dtype.itemsize)
                 f.write(block[c].tobytes())
-            release(cube)
+            data.release(cube)
             bar.update(block.shape[1])
 
 
