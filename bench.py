@@ -189,7 +189,7 @@ def bench_loader(args):
     pretrain_dino.py read), per augmentation, where it runs (per tile in the loader workers, or batched
     on --device with the workers only cutting raw windows) and worker count."""
     _, _, device = common.init_distributed(args.device)
-    datasets = data.load_datasets(args.data, bands=data.ANY_SENSOR if args.any_sensor else None)
+    datasets = data.load_datasets(args.data, band_info=data.ANY_SENSOR if args.any_sensor else None)
     B = args.batch_size or 32
     views = {"cut only": data.Augment(), "MAE augment (flips + random resized crop)": data.Augment(True, (0.2, 1.0)),
              "DINO multi-crop (2 global + 8 local, jitter, blur)": data.MultiCrop(64, 32, 8)}

@@ -328,15 +328,15 @@ class HSIDataset:
         return img
 
 
-def load_datasets(spec, split="tr", cache_dir=None, bands=None):
-    """`spec`: folders, comma-separated, each a WHU-OHS root or a scene folder. `bands`: a checkpoint's
-    band_info, to read exactly the bands it was trained on. Without it, products of one sensor (same band
+def load_datasets(spec, split="tr", cache_dir=None, band_info=None):
+    """`spec`: folders, comma-separated, each a WHU-OHS root or a scene folder. `band_info`: a
+    checkpoint's, to read exactly the bands it was trained on. Without it, products of one sensor (same band
     count in the file) whose dead bands differ are all read with the bands valid in all, for one model."""
     paths = [p.strip() for p in spec.split(",") if p.strip()]
     if not paths:
         raise DataError("--data is empty")
-    datasets = [load_dataset(p, split, cache_dir, bands) for p in paths]
-    if bands is not None:  # a checkpoint's bands, or a wavelength grid (where every scene reads its own)
+    datasets = [load_dataset(p, split, cache_dir, band_info) for p in paths]
+    if band_info is not None:  # a checkpoint's bands, or a wavelength grid (where every scene reads its own)
         return datasets
     same_sensor = {}
     for i, ds in enumerate(datasets):
@@ -354,13 +354,13 @@ def load_datasets(spec, split="tr", cache_dir=None, bands=None):
     return datasets
 
 
-def load_dataset(path, split="tr", cache_dir=None, bands=None, why="the checkpoint's band list"):
-    """A WHU-OHS split or a scene folder. `bands` (a checkpoint's band_info) fixes the bands read, `why`
+def load_dataset(path, split="tr", cache_dir=None, band_info=None, why="the checkpoint's band list"):
+    """A WHU-OHS split or a scene folder. `band_info` (a checkpoint's) fixes the bands read, `why`
     names it in the printed line; with a "grid" (ANY_SENSOR, or a checkpoint trained on the grid): all the
     data's own bands, resampled onto the grid."""
-    if bands is not None and "grid" in bands:
-        ds = attach_grid(load_dataset(path, split, cache_dir), bands["grid"])
-        report_new_bands([ds], bands.get("sensors"))
+    if band_info is not None and "grid" in band_info:
+        ds = attach_grid(load_dataset(path, split, cache_dir), band_info["grid"])
+        report_new_bands([ds], band_info.get("sensors"))
         return ds
     if os.path.isfile(path) and path.lower().endswith(FILE_EXTENSIONS):
         raise DataError(f"{path}: a file, not a scene folder; convert it first: "
@@ -368,9 +368,9 @@ def load_dataset(path, split="tr", cache_dir=None, bands=None, why="the checkpoi
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such folder")
     if os.path.isfile(os.path.join(path, "image.tif")):
-        return load_scene(path, cache_dir, bands, why)
+        return load_scene(path, cache_dir, band_info, why)
     if any(os.path.isdir(os.path.join(path, s)) for s in WHU_SPLITS):
-        return load_whu(path, split, cache_dir, bands, why)
+        return load_whu(path, split, cache_dir, band_info, why)
     raise DataError(f"{path}: neither a scene folder (image.tif) nor a WHU-OHS root (tr/ val/ ts/)")
 
 
@@ -411,7 +411,7 @@ def _per_band(meta, key, meta_path, bands, bad):
     raise DataError(f"{meta_path}: {len(v)} {key} for an image with {bands} bands{after}")
 
 
-def load_scene(path, cache_dir=None, bands=None, why="the checkpoint's band list"):
+def load_scene(path, cache_dir=None, band_info=None, why="the checkpoint's band list"):
     meta_path = os.path.join(path, "meta.json")
     meta = read_meta(meta_path)
     cache = RasterCache(path, cache_dir)
@@ -435,18 +435,18 @@ def load_scene(path, cache_dir=None, bands=None, why="the checkpoint's band list
     ds = HSIDataset(meta.get("name") or os.path.basename(os.path.abspath(path)), [Raster(image_path, image, label)],
                     num_classes, names, wl, meta.get("value_scale"), meta.get("nodata"),
                     fwhm=_per_band(meta, "fwhm_nm", meta_path, C, bad))
-    choose_bands(ds, cache, bad, bands, why)
+    choose_bands(ds, cache, bad, band_info, why)
     return ds
 
 
-def load_whu(root, split="tr", cache_dir=None, bands=None, why="the checkpoint's band list"):
+def load_whu(root, split="tr", cache_dir=None, band_info=None, why="the checkpoint's band list"):
     if split not in WHU_SPLITS:
         raise DataError(f"{root}: WHU-OHS split must be one of {WHU_SPLITS}, got {split!r}")
     cache = RasterCache(root, cache_dir)
     ds = _whu_split(root, split, cache)
     # Every split is normalised with the training split's statistics (and reads the training split's bands).
     stats_from = ds if split == "tr" else _whu_split(root, "tr", cache)
-    choose_bands(stats_from, cache, (), bands, why)
+    choose_bands(stats_from, cache, (), band_info, why)
     for attr in ("band_ids", "wavelengths", "mean", "std"):
         setattr(ds, attr, getattr(stats_from, attr))
     cache.save()
@@ -484,22 +484,22 @@ def _check_label(path, entry, image_hw, num_classes):
                         f"found {entry['label_min']} .. {entry['label_max']}")
 
 
-def choose_bands(ds, cache, bad_bands=(), bands=None, why="the checkpoint's band list"):
+def choose_bands(ds, cache, bad_bands=(), band_info=None, why="the checkpoint's band list"):
     """Sets the file's bands ds reads and their mean/std over valid pixels, cached beside the rasters.
-    Without `bands`: all but those in `bad_bands` and the dead ones (no valid value at all: normal in a
+    Without `band_info`: all but those in `bad_bands` and the dead ones (no valid value at all: normal in a
     product, not an error), named in one printed line, so that a pixel is invalid only where a band that is
-    read is. With `bands` (a checkpoint's band_info): exactly those; a dead one is an error, a wavelength
+    read is. With `band_info` (a checkpoint's): exactly those; a dead one is an error, a wavelength
     more than WAVELENGTH_TOLERANCE_NM from the checkpoint's a warning."""
     C, bad = ds.file_bands, sorted(set(bad_bands))
-    if bands is not None and not all(0 <= i < C for i in bands["ids"]):
+    if band_info is not None and not all(0 <= i < C for i in band_info["ids"]):
         # Another sensor: read the data's own bands; the caller's band count check says what does not fit.
-        print0(f"warning: {ds.name}: {why} reads bands up to {max(bands['ids'])}, but this data has {C}; "
+        print0(f"warning: {ds.name}: {why} reads bands up to {max(band_info['ids'])}, but this data has {C}; "
                "reading its own bands")
-        bands = None
+        band_info = None
     own = [b for b in range(C) if b not in set(bad)]  # before dropping dead bands
-    if bands is None and not own:
+    if band_info is None and not own:
         raise DataError(f"{ds.name}: bad_bands flags all {C} bands")
-    ids = own if bands is None else [int(i) for i in bands["ids"]]
+    ids = own if band_info is None else [int(i) for i in band_info["ids"]]
     rasters = list(range(len(ds.rasters)))
     if len(rasters) > STATS_MAX_RASTERS:
         rasters = sorted(np.random.default_rng(0).choice(len(rasters), STATS_MAX_RASTERS, replace=False).tolist())
@@ -511,11 +511,11 @@ def choose_bands(ds, cache, bad_bands=(), bands=None, why="the checkpoint's band
         return os.path.join(cache.dir, f"bands-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json")
     path = cache_path(own, True)
     cached = _read_json(path) if own else None
-    if bands is not None and (cached is None or cached["band_ids"] != ids):  # not the data's own band list
+    if band_info is not None and (cached is None or cached["band_ids"] != ids):  # not the data's own band list
         path = cache_path(ids, False)
         cached = _read_json(path)
     if cached is None:
-        cached = _band_stats(ds, rasters, ids, bands is None, why)
+        cached = _band_stats(ds, rasters, ids, band_info is None, why)
         _write_json(path, cached)
     wl_all = ds.wavelengths
     ds.band_ids = cached["band_ids"]
@@ -525,7 +525,7 @@ def choose_bands(ds, cache, bad_bands=(), bands=None, why="the checkpoint's band
         ds.wavelengths = None
     std = np.asarray(cached["std"], np.float32)
     ds.mean, ds.std = np.asarray(cached["mean"], np.float32), np.where(std > 0, std, 1).astype(np.float32)
-    _report_bands(ds, C, bad, cached, wl_all, bands, why)
+    _report_bands(ds, C, bad, cached, wl_all, band_info, why)
 
 
 def _band_stats(ds, rasters, ids, auto, why):
@@ -580,9 +580,9 @@ def _scan(ds, rasters, ids):
     return s1, s2, n, good, total
 
 
-def _report_bands(ds, C, bad, cached, wl_all, bands, why):
+def _report_bands(ds, C, bad, cached, wl_all, band_info, why):
     kept = set(cached["band_ids"])
-    if bands is None:
+    if band_info is None:
         parts = [f"in bad_bands {_describe(bad, wl_all)}"] if bad else []
         parts += [f"nodata or NaN in every pixel {_describe(cached['dead'], wl_all)}"] if cached["dead"] else []
         if parts:
@@ -595,7 +595,7 @@ def _report_bands(ds, C, bad, cached, wl_all, bands, why):
         print0(f"warning: {ds.name}: band(s) {_describe(cached['sparse'], wl_all)} are valid in less than half as "
                f"many pixels as the typical band; only {100 * cached['pixels'] / cached['of_pixels']:.1f}% of the "
                "pixels are valid. List such bands in bad_bands (meta.json) to keep the other pixels")
-    theirs = None if bands is None else bands.get("wavelengths")
+    theirs = None if band_info is None else band_info.get("wavelengths")
     if theirs is not None and ds.wavelengths is not None:
         shift = np.abs(np.asarray(theirs, float) - np.asarray(ds.wavelengths, float))
         if shift.max() > WAVELENGTH_TOLERANCE_NM:
@@ -643,7 +643,7 @@ KNOWN_WAVELENGTHS = {("AVIRIS", 198): _JASPER, ("SAMSON", 156): [401 + i * (889 
 # The common wavelength grid of the sensor-agnostic backbones: 10 nm steps from 360 to 2510 nm hold every
 # bundled sensor (and WHU-OHS, EnMAP); 216 = 2^3 x 3^3 points split into band groups of 2, 3, 4, 6, 8, 9, 12...
 GRID = {"start": 360.0, "step": 10.0, "count": 216}
-ANY_SENSOR = {"grid": GRID}  # load_datasets(bands=ANY_SENSOR): every scene resampled onto GRID
+ANY_SENSOR = {"grid": GRID}  # load_datasets(band_info=ANY_SENSOR): every scene resampled onto GRID
 
 
 def grid_wavelengths(grid):

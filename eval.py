@@ -83,11 +83,11 @@ def linear_probe(train_x, train_y, test_x, num_classes, weight_decay=PROBE_WEIGH
 def run_probe(args, device, dtype):
     """k-NN or linear probe of a frozen backbone on a scene's sparse-label split -> metrics."""
     torch.manual_seed(args.seed)  # a --twin's random weights
-    init, bands = read_init(args)
+    init, band_info = read_init(args)
     if (init["backbone"]["name"] if init else args.backbone) == "cdcnn":
         raise ValueError("cdcnn gets a new first layer for every scene, so it has no frozen representation to "
                          "probe; evaluate it fine-tuned (finetune_seg.py)")
-    ds, train, test, classes, info = split_scene(args, data.load_dataset(args.data, "tr", bands=bands))
+    ds, train, test, classes, info = split_scene(args, data.load_dataset(args.data, "tr", band_info=band_info))
     backbone = load_backbone(args, ds, init).to(device)
     window = None if fully_convolutional(backbone.config) else args.img_size
     feats = pixel_features(backbone, ds, window, args.img_size // 4, args.batch_size, device, dtype, args.probe_block)
@@ -236,7 +236,7 @@ def load_eval_data(args, ckpt):
     split = {"test": "ts", "train": "tr"}.get(args.split, args.split)
     if split not in data.WHU_SPLITS:
         raise ValueError(f"--split must be val, ts/test or tr/train, got {args.split!r}")
-    ds = data.load_dataset(spec, split, bands=ckpt["backbone"].get("bands"))
+    ds = data.load_dataset(spec, split, band_info=ckpt["backbone"].get("bands"))
     if ds.kind != "scene" or "segmentation" not in ckpt:
         return ds, None
     if split == "val":

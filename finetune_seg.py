@@ -90,10 +90,10 @@ def build_model(args, ds, ckpt):
     return model
 
 
-def splits(args, ds, bands, out, resume):
+def splits(args, ds, band_info, out, resume):
     """(training dataset, evaluation dataset, evaluation label mask or None, kept classes or None)."""
     if ds.kind == "whu":
-        return ds, data.load_dataset(args.data, "val", bands=bands), None, None
+        return ds, data.load_dataset(args.data, "val", band_info=band_info), None, None
     split_path = os.path.join(out, "split.npz")
     if resume:
         train, test, info = data.load_split(split_path, ds.rasters[0].image.shape[1:])
@@ -279,11 +279,11 @@ def train(args, rank, world, device):
     common.seed_everything(args.seed, rank)
     dtype = common.resolve_dtype(args.dtype, device)
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
-    init, bands = read_init(args)
-    datasets = data.load_datasets(args.data, "tr", bands=bands)
+    init, band_info = read_init(args)
+    datasets = data.load_datasets(args.data, "tr", band_info=band_info)
     if len(datasets) != 1 or datasets[0].num_classes == 0:
         raise data.DataError(f"{args.data}: finetune_seg.py needs exactly one labelled dataset")
-    train_ds, eval_ds, eval_mask, classes = splits(args, datasets[0], bands, args.out, args.resume)
+    train_ds, eval_ds, eval_mask, classes = splits(args, datasets[0], band_info, args.out, args.resume)
     pca = add_pca(args, train_ds, eval_ds, train_ds.rasters[0].label > 0 if eval_mask is not None else None) \
         if args.pca else None
     model = build_model(args, train_ds, init).to(device)

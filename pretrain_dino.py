@@ -279,7 +279,7 @@ def train(args, rank, world, device):
     common.seed_everything(args.seed)  # the same initial student on every rank, so the same teacher copy
     dtype = common.resolve_dtype(args.dtype, device)
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
-    datasets = data.load_datasets(args.data, bands=data.ANY_SENSOR if args.any_sensor else None)
+    datasets = data.load_datasets(args.data, band_info=data.ANY_SENSOR if args.any_sensor else None)
     in_chans = data.check_same_bands(datasets, args.backbone)
     student, teacher = (m.to(device) for m in build(args, in_chans, datasets[0].input_wavelengths,
                                                                    data.bands_record(datasets)))

@@ -97,7 +97,7 @@ def train(args, rank, world, device):
     common.seed_everything(args.seed, rank)
     dtype = common.resolve_dtype(args.dtype, device)
     ckpt_path = common.prepare_out_dir(args.out, args.resume)
-    datasets = data.load_datasets(args.data, bands=data.ANY_SENSOR if args.any_sensor else None)
+    datasets = data.load_datasets(args.data, band_info=data.ANY_SENSOR if args.any_sensor else None)
     in_chans = data.check_same_bands(datasets, args.backbone)
     model = build_model(args, datasets).to(device)
     lr = common.scaled_lr(args.blr, args.batch_size, world)

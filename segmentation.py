@@ -67,8 +67,8 @@ def read_init(args):
     ckpt = common.load_checkpoint(args.init) if args.init else None
     if args.twin and ckpt is None:
         raise ValueError("--twin needs --init CKPT: the twin is that checkpoint's backbone with random weights")
-    bands = ckpt["backbone"].get("bands") if ckpt else None
-    return ckpt, data.ANY_SENSOR if bands is None and args.any_sensor else bands
+    band_info = ckpt["backbone"].get("bands") if ckpt else None  # the backbone config's band record
+    return ckpt, data.ANY_SENSOR if band_info is None and args.any_sensor else band_info
 
 
 def load_backbone(args, ds, ckpt, **overrides):

@@ -342,7 +342,7 @@ def test_permuting_a_scenes_bands_with_its_wavelengths_leaves_the_output_unchang
     image = tifffile.imread(os.path.join(src, "image.tif"))[perm]
     other = write_scene(tmp_path / "b_permuted", bands=20, size=40, wavelengths_nm=[float(w) for w in SENSORS["b"][perm]])
     tifffile.imwrite(os.path.join(other, "image.tif"), image)
-    a, b = (data.load_dataset(p, cache_dir=cache_dir, bands=data.ANY_SENSOR) for p in (src, other))
+    a, b = (data.load_dataset(p, cache_dir=cache_dir, band_info=data.ANY_SENSOR) for p in (src, other))
     x = [torch.from_numpy(ds.normalise(ds.crop(0, 4, 4, 32, 32)[0]))[None] for ds in (a, b)]
     torch.testing.assert_close(x[0], x[1], atol=1e-5, rtol=1e-5)
     for name, kw in (("sst", {"spectral_patch": 8}), ("ssvit", {"spectral_patch": 12}), ("vit", {})):
@@ -354,8 +354,8 @@ def test_permuting_a_scenes_bands_with_its_wavelengths_leaves_the_output_unchang
 
 
 def test_tiles_are_drawn_in_proportion_to_each_scenes_pixels(tmp_path, cache_dir):
-    big = data.load_dataset(sensor_scene(tmp_path, "a", size=60), cache_dir=cache_dir, bands=data.ANY_SENSOR)
-    small = data.load_dataset(sensor_scene(tmp_path, "b", size=20), cache_dir=cache_dir, bands=data.ANY_SENSOR)
+    big = data.load_dataset(sensor_scene(tmp_path, "a", size=60), cache_dir=cache_dir, band_info=data.ANY_SENSOR)
+    small = data.load_dataset(sensor_scene(tmp_path, "b", size=20), cache_dir=cache_dir, band_info=data.ANY_SENSOR)
     tiles = data.RandomTiles([big, small], 16, 0, labels=False)
     assert np.mean([tiles[i][1] for i in range(400)]) == pytest.approx(400 / 4000, abs=0.06)
 

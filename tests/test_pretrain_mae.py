@@ -157,7 +157,7 @@ def test_three_sensors_loss_goes_down(tmp_path):
 
 def test_two_processes_gloo_with_different_sensors_on_the_ranks(tmp_path, cache_dir):
     scenes = three_sensors(tmp_path)
-    datasets = data.load_datasets(scenes, cache_dir=cache_dir, bands=data.ANY_SENSOR)
+    datasets = data.load_datasets(scenes, cache_dir=cache_dir, band_info=data.ANY_SENSOR)
     tiles = data.RandomTiles(datasets, 32, 0, labels=False)  # three scenes of one size: each a third of the tiles
     B, world = 2, 2  # the items rank r reads at step s: [(s * world + r) * B, ... + B)
     per_rank = [[{tiles[(s * world + r) * B + j][1] for j in range(B)} for r in range(world)] for s in range(4)]

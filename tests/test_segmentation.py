@@ -120,8 +120,8 @@ def test_twin_has_the_checkpoint_config_and_none_of_its_weights(tmp_path, cache_
     ckpt = common.load_checkpoint(pre / "ckpt.pt")
     ds = data.load_dataset(scene, cache_dir=cache_dir)
     args = evaluation.parse_args(["--probe", "knn", "--init", str(pre / "ckpt.pt"), "--twin"])
-    init, bands = segmentation.read_init(args)
-    assert init["step"] == 3 and bands == ckpt["backbone"]["bands"]
+    init, band_info = segmentation.read_init(args)
+    assert init["step"] == 3 and band_info == ckpt["backbone"]["bands"]
     torch.manual_seed(0)
     twin = segmentation.load_backbone(args, ds, init)
     torch.manual_seed(1)
