@@ -473,7 +473,8 @@ def counted_flops(fn):
     """FLOPs of fn(), RNG untouched; attention as plain matmuls (the counter sees fused attention as zero)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.random.fork_rng(devices=[]), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []  # drop-path draws on the device
+    with torch.random.fork_rng(devices=cuda), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -160,7 +160,8 @@ def release(a):
     if not hasattr(mmap, "MADV_DONTNEED"):  # Windows
         return
     if getattr(a, "_mmap", None) is not None:
-        a._mmap.madvise(mmap.MADV_DONTNEED)
+        if a.mode != "c":  # a private map's changes would be lost
+            a._mmap.madvise(mmap.MADV_DONTNEED)
         return
     while a is not None and not isinstance(a, ctypes.Array):  # without_fd's array -> its mapped buffer
         a = getattr(a, "base", None)

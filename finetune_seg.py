@@ -191,6 +191,19 @@ def segmentation_loss(logits, target):
 
 # ----------------------------------------------------------------------------- masked image modelling (--mim)
 
+class DecoderState:
+    """What a checkpoint keeps of the MIM module: its decoder; the backbone is the model's, saved there."""
+
+    def __init__(self, mim):
+        self.mim = mim
+
+    def state_dict(self):
+        return {k: v for k, v in self.mim.state_dict().items() if not k.startswith("encoder.")}
+
+    def load_state_dict(self, decoder):
+        self.mim.load_state_dict({**decoder, **{f"encoder.{k}": v for k, v in self.mim.encoder.state_dict().items()}})
+
+
 class WithMIM(nn.Module):
     """The segmentation model and masked image modelling on its backbone (shared): one module, so that
     DDP reduces the gradients of both losses in one pass."""
@@ -213,23 +226,25 @@ def build_mim(args, backbone, init):
     (not its --twin) gives its masking, decoder shape and trained decoder, so the auxiliary continues the
     pre-training's task."""
     name = backbone.config["name"]
-    if name not in ("vit", "ssvit", "sst") or not args.finetune:
-        raise ValueError(f"--mim trains the backbone with masked image modelling: it needs --finetune and a vit, "
-                         f"ssvit or sst backbone, not {name}")
+    if not args.finetune:
+        raise ValueError("--mim trains the backbone with masked image modelling: it needs --finetune")
+    if name not in ("vit", "ssvit", "sst"):
+        raise ValueError(f"--mim is masked image modelling of a vit, ssvit or sst backbone, not {name}")
     if backbone.config["img_size"] != args.img_size:
         raise ValueError(f"--mim masks the backbone's {backbone.config['img_size']} px tiles: fine-tune with "
                          f"--img-size {backbone.config['img_size']}, not {args.img_size}")
     pre = init["args"] if init is not None and "norm_pix_loss" in init["args"] else {}  # pretrain_mae.py's
     if name == "sst":
-        mim = SimMIM(backbone, pre.get("mask_ratio") or 0.7, pre.get("mask_block", 1))
+        # 1 px tokens (MaskedSST's) need masked squares, else they are filled in from their neighbours
+        block = pre.get("mask_block", 4 if backbone.patch_size == 1 else 1)
+        mim = SimMIM(backbone, pre.get("mask_ratio") or 0.7, block)
         backbone.mask_token.requires_grad_(True)  # SimMIM's learned token for the masked pieces
     else:
         dim, depth, heads = MAE_DECODER_SIZES[backbone.config["size"]]
         mim = MAE(backbone, pre.get("decoder_dim") or dim, pre.get("decoder_depth") or depth, heads,
                   pre.get("mask_ratio") or 0.75, pre.get("norm_pix_loss", True), pre.get("spectral_mask_ratio", 0.5))
     if pre and not args.twin:
-        decoder = {k: v for k, v in init["model"].items() if not k.startswith("encoder.")}
-        mim.load_state_dict({**decoder, **{f"encoder.{k}": v for k, v in backbone.state_dict().items()}})
+        DecoderState(mim).load_state_dict({k: v for k, v in init["model"].items() if not k.startswith("encoder.")})
         common.print0(f"--mim: the decoder of {args.init}")
     return mim
 
@@ -299,7 +314,7 @@ def train(args, rank, world, device):
     lr_schedule = (common.step_schedule(args.lr, args.steps) if sgd
                    else common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps))
     del init  # the pre-trained weights are in the model now
-    state = dict(model=model, optimizer=optimizer, scaler=scaler, **({} if mim is None else {"mim": mim}))
+    state = dict(model=model, optimizer=optimizer, scaler=scaler, **({} if mim is None else {"mim": DecoderState(mim)}))
     teacher = None
     if args.semi:
         teacher = copy.deepcopy(model).requires_grad_(False).eval()  # BatchNorm: the teacher uses its statistics
@@ -337,7 +352,7 @@ def train(args, rank, world, device):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             common.set_lr(optimizer, lr_schedule[step])
-            u = next(u_batches)[0] if u_batches is not None else None  # unlabelled tiles, flipped (the weak view)
+            u = next(u_batches)[0] if u_batches is not None else None  # the teacher's weak view: flips only
             inputs, terms = x, {}
             with common.autocast(device, dtype):
                 if teacher is not None:  # labelled and strong views in one forward (shared BatchNorm statistics)
