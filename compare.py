@@ -248,13 +248,18 @@ def main(argv=None):
             print(("to do " if finished(c, recorded) is None else "done  ") + command_line(c[5], c[6]))
         return None
     results = {c[:3]: {} for c in todo}
+    for c in todo:  # every finished cell first: the files never drop a recorded one while the others run
+        r = finished(c, recorded)
+        if r is not None:
+            results[c[:3]][c[3]] = r
+    total, todo = len(todo), [c for c in todo if c[3] not in results[c[:3]]]
     if args.collect:
-        total, todo = len(todo), [c for c in todo if finished(c, recorded) is not None]
-        print(f"{len(todo)} of {total} cells finished; collecting them, running none")
+        print(f"{total - len(todo)} of {total} cells finished; collecting them, running none")
+        todo = []
     lock = threading.Lock()
 
     def run(c):
-        r = finished(c, recorded) or run_cell(c, args)
+        r = run_cell(c, args)
         with lock:  # the results files follow every finished cell: a cut-off session keeps what it ran
             results[c[:3]][c[3]] = r
             write_results(args, argv, base, configs, pairs, results)

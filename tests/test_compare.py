@@ -107,6 +107,14 @@ def test_runner_writes_results_and_skips_finished_cells(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "runs")
     calls.clear()
     assert compare.main(argv)["rows"] == again["rows"] and not calls
+    # It adds a configuration: while its cells run, the files keep every recorded cell (seed 1's too).
+    seen = []
+    monkeypatch.setattr(evaluation, "main", lambda a: seen.append(json.loads((tmp_path / "results" / "s.json")
+                                                                             .read_text())["rows"]) or real_eval(a))
+    more = compare.main(argv[:2] + ["--config", "pixel2: --backbone pixel"] + argv[2:])
+    assert len(seen) == 2 and all(len(r["split_seeds"]) == 2 for r in seen[1] if r["name"] != "pixel2")
+    assert [r["split_seeds"] for r in more["rows"] if r["name"] == "pixel2"] == [[0, 1], [0, 1]]  # knn, finetune
+    monkeypatch.setattr(evaluation, "main", lambda argv: calls.append(argv) or real_eval(argv))
     # ... unless the flags changed: then the recorded cells are not these cells. --collect runs none of them
     # and writes the finished ones (the knn cells here); without it they run.
     changed = [a.replace("--steps 2", "--steps 1") for a in argv]
