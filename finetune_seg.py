@@ -23,7 +23,7 @@ import common
 import data
 import models
 from data import IGNORE_INDEX
-from models import MAE, MAE_DECODER_SIZES, SegmentationModel, SimMIM, layer_ids
+from models import SegmentationModel, layer_ids
 from segmentation import (add_backbone_args, add_split_args, colourise, evaluate, format_table, fully_convolutional,
                           load_backbone, read_init, split_scene)
 
@@ -68,9 +68,6 @@ def parse_args(argv=None):
                    "less confidence teach nothing")
     p.add_argument("--semi-rampup", type=int, default=0, help="with --semi: steps over which its weight grows "
                    "linearly from 0")
-    p.add_argument("--mim", type=float, default=0.0, help="with --finetune, S4L-style: weight of masked image "
-                   "modelling (MAE for vit/ssvit, SimMIM for sst) on unlabelled tiles of the whole scene, on the "
-                   "fine-tuned backbone; an MAE/SimMIM --init brings its decoder and masking; 0 = off")
     common.add_run_args(p, out="runs/seg")
     return common.parse_with_preset(p, argv, PRESETS)
 
@@ -189,81 +186,20 @@ def segmentation_loss(logits, target):
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
 
 
-# ----------------------------------------------------------------------------- masked image modelling (--mim)
-
-class DecoderState:
-    """What a checkpoint keeps of the MIM module: its decoder; the backbone is the model's, saved there."""
-
-    def __init__(self, mim):
-        self.mim = mim
-
-    def state_dict(self):
-        return {k: v for k, v in self.mim.state_dict().items() if not k.startswith("encoder.")}
-
-    def load_state_dict(self, decoder):
-        self.mim.load_state_dict({**decoder, **{f"encoder.{k}": v for k, v in self.mim.encoder.state_dict().items()}})
-
-
-class WithMIM(nn.Module):
-    """The segmentation model and masked image modelling on its backbone (shared): one module, so that
-    DDP reduces the gradients of both losses in one pass."""
-
-    def __init__(self, model, mim):
-        super().__init__()
-        self.model, self.mim = model, mim
-
-    def forward(self, x, x_u):
-        """-> the segmentation logits of x and the masked-image-modelling loss of x_u."""
-        return self.model(x), self.mim(x_u)[0]
-
-    def heads(self):
-        """The MIM decoder's parameters (the backbone's are the segmentation model's)."""
-        return [p for n, p in self.mim.named_parameters() if not n.startswith("encoder.")]
-
-
-def build_mim(args, backbone, init):
-    """MAE (vit, ssvit) or SimMIM (sst) on `backbone`, with pretrain_mae's defaults; an MAE/SimMIM --init
-    (not its --twin) gives its masking, decoder shape and trained decoder, so the auxiliary continues the
-    pre-training's task."""
-    name = backbone.config["name"]
-    if not args.finetune:
-        raise ValueError("--mim trains the backbone with masked image modelling: it needs --finetune")
-    if name not in ("vit", "ssvit", "sst"):
-        raise ValueError(f"--mim is masked image modelling of a vit, ssvit or sst backbone, not {name}")
-    if backbone.config["img_size"] != args.img_size:
-        raise ValueError(f"--mim masks the backbone's {backbone.config['img_size']} px tiles: fine-tune with "
-                         f"--img-size {backbone.config['img_size']}, not {args.img_size}")
-    pre = init["args"] if init is not None and "norm_pix_loss" in init["args"] else {}  # pretrain_mae.py's
-    if name == "sst":
-        # 1 px tokens (MaskedSST's) need masked squares, else they are filled in from their neighbours
-        block = pre.get("mask_block", 4 if backbone.patch_size == 1 else 1)
-        mim = SimMIM(backbone, pre.get("mask_ratio") or 0.7, block)
-        backbone.mask_token.requires_grad_(True)  # SimMIM's learned token for the masked pieces
-    else:
-        dim, depth, heads = MAE_DECODER_SIZES[backbone.config["size"]]
-        mim = MAE(backbone, pre.get("decoder_dim") or dim, pre.get("decoder_depth") or depth, heads,
-                  pre.get("mask_ratio") or 0.75, pre.get("norm_pix_loss", True), pre.get("spectral_mask_ratio", 0.5))
-    if pre and not args.twin:
-        DecoderState(mim).load_state_dict({k: v for k, v in init["model"].items() if not k.startswith("encoder.")})
-        common.print0(f"--mim: the decoder of {args.init}")
-    return mim
-
-
-def train_flops(model, bands, args, device, mim=None):
+def train_flops(model, bands, args, device):
     """Training FLOPs per labelled image, counted by torch.utils.flop_counter on one step of a copy of the
     model (decoders and the CNN make an architecture formula long; the copy keeps BatchNorm statistics).
-    With --semi also the student's step on a strong view and the teacher's forward on a weak one; with
-    --mim the masked image modelling of an unlabelled tile; and the ratio to a supervised step."""
+    With --semi also the student's step on a strong view and the teacher's forward on a weak one; and
+    the ratio to a supervised step."""
     copy_ = copy.deepcopy(model).train()
     x = torch.zeros(2, bands, args.img_size, args.img_size, device=device)
     y = torch.zeros(2, args.img_size, args.img_size, dtype=torch.long, device=device)
     step = common.counted_flops(lambda: segmentation_loss(copy_(x), y).backward()) / 2
-    total = step + (mim.flops_per_image() if mim is not None else 0)
-    if args.semi:
-        with torch.no_grad():
-            teacher = common.counted_flops(lambda: copy_.eval()(x)) / 2
-        total += step + teacher
-    return total, total / step
+    if not args.semi:
+        return step, 1.0
+    with torch.no_grad():
+        teacher = common.counted_flops(lambda: copy_.eval()(x)) / 2
+    return 2 * step + teacher, 2 + teacher / step
 
 
 def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
@@ -302,39 +238,36 @@ def train(args, rank, world, device):
     pca = add_pca(args, train_ds, eval_ds, train_ds.rasters[0].label > 0 if eval_mask is not None else None) \
         if args.pca else None
     model = build_model(args, train_ds, init).to(device)
+    del init  # the pre-trained weights are in the model now
     channels_last = device.type == "cuda" and args.backbone == "resnet50v1c"  # faster cuDNN convolutions
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    mim = build_mim(args, model.backbone, init).to(device) if args.mim else None
-    joint = model if mim is None else WithMIM(model, mim)
-    groups = param_groups(args, model) + ([] if mim is None else common.decay_groups(joint.heads(), args.weight_decay))
+    groups = param_groups(args, model)
     sgd = args.preset == "leekwon"  # its optimizer and schedule, which no flag chooses
     optimizer = common.sgd(groups, args.lr) if sgd else common.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lr_schedule = (common.step_schedule(args.lr, args.steps) if sgd
                    else common.poly_schedule(args.lr, args.steps, 0.9, args.warmup_steps))
-    del init  # the pre-trained weights are in the model now
-    state = dict(model=model, optimizer=optimizer, scaler=scaler, **({} if mim is None else {"mim": DecoderState(mim)}))
+    state = dict(model=model, optimizer=optimizer, scaler=scaler)
     teacher = None
     if args.semi:
         teacher = copy.deepcopy(model).requires_grad_(False).eval()  # BatchNorm: the teacher uses its statistics
         state["teacher"] = teacher
     backbone_config = model.backbone.config
     start = common.resume(ckpt_path, rank, backbone_config, **state) if args.resume else 0
-    ddp = common.wrap_ddp(joint, world)
+    ddp = common.wrap_ddp(model, world)
     if teacher is not None and not args.resume:
         teacher.load_state_dict(model.state_dict())  # DDP gave every rank rank 0's initial weights
     ddp = torch.compile(ddp) if args.compile else ddp
     tiles = data.RandomTiles([train_ds], args.img_size, args.seed, data.Augment(flips=True), min_labelled=1)
     batches = iter(data.step_loader(tiles, args.batch_size, start, rank, world, args.workers, device))
-    u_batches = None
-    if teacher is not None or mim is not None:  # every tile of the scene, labelled or not (labels never read)
+    if teacher is not None:  # every tile of the scene, labelled or not (labels never read)
         unlabelled = data.RandomTiles([train_ds if eval_mask is None else eval_ds], args.img_size, args.seed + 1,
                                       data.Augment(flips=True), labels=False)
         u_batches = iter(data.step_loader(unlabelled, args.batch_size, start, rank, world, args.workers, device))
     peak, source = common.peak_tflops(device, dtype)
-    flops, ratio = train_flops(model, train_ds.bands, args, device, mim)
-    semi = f" (--semi/--mim: {ratio:.2f}x a supervised step)" if ratio != 1 else ""
+    flops, ratio = train_flops(model, train_ds.bands, args, device)
+    semi = f" (--semi: {ratio:.2f}x a supervised step)" if args.semi else ""
     common.print0(f"{flops / 1e9:.2f} GFLOP per labelled image (training){semi} | peak {peak or 0:.1f} TFLOP/s "
                   f"({source})")
     logger = common.Logger(args.out, args, start, flops, peak)
@@ -352,23 +285,20 @@ def train(args, rank, world, device):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             common.set_lr(optimizer, lr_schedule[step])
-            u = next(u_batches)[0] if u_batches is not None else None  # the teacher's weak view: flips only
-            inputs, terms = x, {}
-            with common.autocast(device, dtype):
-                if teacher is not None:  # labelled and strong views in one forward (shared BatchNorm statistics)
-                    rnd = data.StepRandom(args.seed, step, rank, world, args.batch_size, device, stream=11)
-                    strong, targets = semi_views(teacher, u, rnd)
-                    inputs = torch.cat([x, strong])
-                logits, mim_loss = ddp(inputs, u) if mim is not None else (ddp(inputs), None)
-            if teacher is not None:
-                logits, strong_logits = split_logits(logits, len(x))
-                terms["semi_loss"], terms["confident"] = semi_loss(strong_logits, targets, args.semi_threshold)
-            if mim is not None:
-                terms["mim_loss"] = mim_loss
-            weight = args.semi * min(1.0, step / args.semi_rampup) if args.semi_rampup else args.semi
-            loss = (segmentation_loss(logits, y) + weight * terms.get("semi_loss", 0)
-                    + args.mim * terms.get("mim_loss", 0))
-            common.optimizer_step(loss, optimizer, scaler, joint.parameters(), args.clip_grad)
+            if teacher is None:
+                with common.autocast(device, dtype):
+                    logits = ddp(x)
+                loss, terms = segmentation_loss(logits, y), {}
+            else:  # labelled and strong views in one forward (one DDP reduction, shared BatchNorm statistics)
+                rnd = data.StepRandom(args.seed, step, rank, world, args.batch_size, device, stream=11)
+                with common.autocast(device, dtype):
+                    strong, targets = semi_views(teacher, next(u_batches)[0], rnd)
+                    logits, strong_logits = split_logits(ddp(torch.cat([x, strong])), len(x))
+                semi, confident = semi_loss(strong_logits, targets, args.semi_threshold)
+                weight = args.semi * min(1.0, step / args.semi_rampup) if args.semi_rampup else args.semi
+                loss = segmentation_loss(logits, y) + weight * semi
+                terms = {"semi_loss": semi, "confident": confident}
+            common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
             if teacher is not None:
                 common.ema_update(teacher, model, TEACHER_MOMENTUM)
                 common.broadcast_buffers(teacher)  # each rank's BatchNorm statistics saw its own batch: take rank 0's

@@ -44,10 +44,6 @@ def test_train_flops_and_the_semi_supervised_ratio():
     semi, semi_ratio = finetune_seg.train_flops(model, 8, finetune_seg.parse_args(["--img-size", "16", "--semi", "1"]),
                                                 torch.device("cpu"))
     assert semi == pytest.approx(2 * flops + forward, rel=0.02) and semi_ratio == pytest.approx(semi / flops)
-    args = finetune_seg.parse_args(["--img-size", "16", "--finetune", "--mim", "1"])
-    mim = finetune_seg.build_mim(args, model.backbone, None)
-    total, mim_ratio = finetune_seg.train_flops(model, 8, args, torch.device("cpu"), mim)
-    assert total == pytest.approx(flops + mim.flops_per_image(), rel=0.02) and mim_ratio == pytest.approx(total / flops)
 
 
 def test_layer_wise_lr_decay_groups():
@@ -304,13 +300,9 @@ def test_cutmix_targets_match_the_mixed_inputs():
     torch.testing.assert_close(targets, model(strong).softmax(1))
 
 
-@pytest.mark.parametrize("extra", [[], ["--backbone", "vit", "--finetune", "--mim", "1"],
-                                   ["--backbone", "sst", "--spectral-patch", "3", "--finetune", "--mim", "1"]],
-                         ids=["semi", "semi+mae", "semi+simmim"])
-def test_resume_with_semi_is_exact(tmp_path, monkeypatch, extra):
+def test_resume_with_semi_is_exact(tmp_path, monkeypatch):
     scene = write_toy(tmp_path / "toy")
-    args = toy_args(scene, tmp_path / "full", "--steps", "6", "--eval-every", "6", "--semi", "1", "--ckpt-every", "3",
-                    *extra)
+    args = toy_args(scene, tmp_path / "full", "--steps", "6", "--eval-every", "6", "--semi", "1", "--ckpt-every", "3")
     finetune_seg.main(args)
     real, calls = finetune_seg.semi_views, [0]
 
@@ -327,13 +319,12 @@ def test_resume_with_semi_is_exact(tmp_path, monkeypatch, extra):
     assert common.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"] == 3
     finetune_seg.main(cut + ["--resume"])
     full, resumed = (common.load_checkpoint(str(tmp_path / r / "ckpt.pt")) for r in ("full", "cut"))
-    for key in ("model", "teacher") + (("mim",) if extra else ()):
+    for key in ("model", "teacher"):
         for k, v in full[key].items():
             assert torch.equal(v, resumed[key][k]), (key, k)
 
 
-@pytest.mark.parametrize("extra", [[], ["--backbone", "vit", "--finetune", "--mim", "1"]], ids=["semi", "semi+mim"])
-def test_two_ranks_hold_the_same_teacher(tmp_path, extra):
+def test_two_ranks_hold_the_same_teacher(tmp_path):
     scene = write_toy(tmp_path / "toy")
     out = tmp_path / "ddp"
     script = tmp_path / "dump.py"  # each rank saves its teacher after training
@@ -346,8 +337,7 @@ def test_two_ranks_hold_the_same_teacher(tmp_path, extra):
         "common.ema_update = ema_update\n"
         "finetune_seg.main(sys.argv[1:])\n"
         f"torch.save(kept[0].state_dict(), {str(tmp_path)!r} + f'/teacher{{os.environ[\"RANK\"]}}.pt')\n")
-    torchrun(script, toy_args(scene, out, "--steps", "3", "--eval-every", "3", "--semi", "1", "--batch-size", "2",
-                              *extra))  # with --mim: DDP of a backbone two heads share
+    torchrun(script, toy_args(scene, out, "--steps", "3", "--eval-every", "3", "--semi", "1", "--batch-size", "2"))
     a, b = (torch.load(tmp_path / f"teacher{r}.pt") for r in (0, 1))
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -365,45 +355,3 @@ def test_unlabelled_pixels_teach_the_boundary(tmp_path):
         with open(out / "eval.json") as f:
             oa[weight] = json.load(f)["oa"]
     assert oa["1"] > oa["0"] + 0.08, oa
-
-
-# ----------------------------------------------------------------------------- masked image modelling (--mim)
-
-def test_mim_continues_an_mae_pretraining_with_its_decoder(tmp_path):
-    scene = write_scene(tmp_path / "scene")
-    pretrain_mae.main(mae_args(scene, tmp_path / "mae", 3, "--mask-ratio", "0.6"))
-    path = str(tmp_path / "mae" / "ckpt.pt")
-    out = tmp_path / "ft"
-    finetune_seg.main(seg_args(scene, out, "--init", path, "--finetune", "--mim", "1", "--img-size", "32",
-                               "--steps", "2", "--eval-every", "2"))
-    with open(out / "metrics.jsonl") as f:
-        logged = [json.loads(line)["mim_loss"] for line in f if "mim_loss" in line]
-    assert logged and np.isfinite(logged).all()
-    saved = common.load_checkpoint(str(out / "ckpt.pt"))["mim"]  # the decoder only: the backbone is the model's
-    assert "decoders.0.decoder_embed.weight" in saved and not any(k.startswith("encoder.") for k in saved)
-    init = common.load_checkpoint(path)
-    for twin in (False, True):
-        args = finetune_seg.parse_args(["--init", path, "--finetune", "--mim", "1", "--img-size", "32"]
-                                       + ["--twin"] * twin)
-        backbone = build_backbone(**init["backbone"])
-        mim = finetune_seg.build_mim(args, backbone, init)
-        assert mim.ratios == [0.6] and mim.decoders[0].decoder_embed.out_features == 32  # the pre-training's
-        decoder = mim.decoders[0].decoder_embed.weight
-        assert torch.equal(decoder, init["model"]["decoders.0.decoder_embed.weight"]) != twin
-        assert mim.encoder is backbone
-
-
-def test_mim_refuses_what_it_cannot_train():
-    vit = build_backbone("vit", "tiny", 8, img_size=16)
-    for flags, backbone, match in [([], vit, "needs --finetune"), (["--finetune"], build_backbone("pixel", in_chans=8),
-                                   "not pixel"), (["--finetune", "--img-size", "32"], vit, "--img-size 16, not 32")]:
-        with pytest.raises(ValueError, match=match):
-            finetune_seg.build_mim(finetune_seg.parse_args(["--mim", "1", "--img-size", "16", *flags]), backbone, None)
-
-
-def test_mim_masks_squares_of_one_pixel_tokens():
-    """MaskedSST's 1 px tokens: single masked pixels would be filled in from their neighbours."""
-    args = finetune_seg.parse_args(["--finetune", "--mim", "1", "--img-size", "16"])
-    for patch, block in ((1, 4), (8, 1)):
-        sst = build_backbone("sst", "micro", 8, img_size=16, patch_size=patch, spectral_patch=4)
-        assert finetune_seg.build_mim(args, sst, None).mask_block == block
