@@ -14,7 +14,7 @@ test:
 demo:
 	rm -rf runs/demo_mae runs/demo_probe
 	$(PYTHON) pretrain_mae.py --out runs/demo_mae
-	$(PYTHON) finetune_seg.py --init runs/demo_mae/ckpt.pt --lr 1e-2 --out runs/demo_probe --eval-every 1000
+	$(PYTHON) finetune_seg.py --init runs/demo_mae/ckpt.pt --lr 1e-2 --steps 300 --out runs/demo_probe --eval-every 1000
 	$(PYTHON) eval.py --ckpt runs/demo_probe/ckpt.pt --attention
 
 .PHONY: install test demo
