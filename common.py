@@ -100,16 +100,14 @@ def launch(train, args):
     STOP.update(signal=None, stopped=False)
     in_main = threading.current_thread() is threading.main_thread()  # SLURM & co's signals ask to save and stop
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)} if in_main else {}
-    finished = False
     try:
         result = train(args, rank, world, device)
-        finished = True
+        if dist.is_initialized():
+            dist.barrier()  # a rank tearing gloo down while rank 0 still logged aborted once in CI
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if dist.is_initialized():
-            if finished:  # together: a rank tearing gloo down while rank 0 still wrote its logs aborted once in CI
-                dist.barrier()
             dist.destroy_process_group()
     if STOP["stopped"]:
         raise SystemExit(128 + STOP["signal"])
