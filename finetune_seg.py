@@ -69,14 +69,8 @@ def parse_args(argv=None):
                    "less confidence teach nothing")
     p.add_argument("--semi-rampup", type=int, default=0, help="with --semi: steps over which its weight grows "
                    "linearly from 0")
-    p.add_argument("--semi-fp", action="store_true", help="with --semi: also UniMatch's feature perturbation: the "
-                   "student learns the teacher's confident predictions on the weak view itself with its feature "
-                   "maps through Dropout2d(0.5); the unlabelled loss is the mean of the two (a third student pass)")
     common.add_run_args(p, out="runs/seg")
-    args = common.parse_with_preset(p, argv, PRESETS)
-    if args.semi_fp and not args.semi:
-        p.error("--semi-fp perturbs the unlabelled views of --semi: give --semi WEIGHT too")
-    return args
+    return common.parse_with_preset(p, argv, PRESETS)
 
 
 def build_model(args, ds, ckpt):
@@ -173,18 +167,17 @@ def semi_loss(student_logits, teacher_probs, threshold):
 @torch.no_grad()
 def semi_views(teacher, x_u, rnd):
     """The weak view x_u (B, C, H, W) (flipped tiles) -> the strong view (each tile with a box of the next
-    one pasted in), the teacher's class probabilities on the weak view mixed with the same boxes, and
-    unmixed."""
+    one pasted in) and the teacher's class probabilities on the weak view mixed with the same boxes."""
     mask = cutmix_masks(rnd.uniform(2), x_u.shape[-1])
-    probs = teacher(x_u).float().softmax(1)
-    return cutmix(x_u, mask), cutmix(probs, mask), probs
+    return cutmix(x_u, mask), cutmix(teacher(x_u).float().softmax(1), mask)
 
 
-def split_logits(logits, n, m=None):
-    """The first n samples' logits, then the main logits of the next m samples (default: all the rest) and
-    of the rest (DeepLabV3+ in training: (main, auxiliary); the auxiliary head learns from labels only)."""
-    labelled, logits = (tuple(t[:n] for t in logits), logits[0]) if isinstance(logits, tuple) else (logits[:n], logits)
-    return (labelled, logits[n:]) if m is None else (labelled, logits[n:n + m], logits[n + m:])
+def split_logits(logits, n):
+    """The first n samples' logits and the rest's main logits (DeepLabV3+ in training: (main, auxiliary);
+    the auxiliary head learns from labels only)."""
+    if isinstance(logits, tuple):
+        return tuple(t[:n] for t in logits), logits[0][n:]
+    return logits[:n], logits[n:]
 
 
 def segmentation_loss(logits, target):
@@ -207,8 +200,7 @@ def train_flops(model, bands, args, device):
         return step, 1.0
     with torch.no_grad():
         teacher = common.counted_flops(lambda: copy_.eval()(x)) / 2
-    student = 3 if args.semi_fp else 2  # labelled, strong (and perturbed weak) views
-    return student * step + teacher, student + teacher / step
+    return 2 * step + teacher, 2 + teacher / step
 
 
 def log_evaluation(logger, model, eval_ds, mask, args, device, dtype, step):
@@ -298,19 +290,12 @@ def train(args, rank, world, device):
                 with common.autocast(device, dtype):
                     logits = ddp(x)
                 loss, terms = segmentation_loss(logits, y), {}
-            else:  # labelled and unlabelled views in one forward (one DDP reduction, shared BatchNorm statistics)
+            else:  # labelled and strong views in one forward (one DDP reduction, shared BatchNorm statistics)
                 rnd = data.StepRandom(args.seed, step, rank, world, args.batch_size, device, stream=11)
-                weak = next(u_batches)[0]
                 with common.autocast(device, dtype):
-                    strong, targets, weak_targets = semi_views(teacher, weak, rnd)
-                    if args.semi_fp:
-                        logits, strong_logits, fp_logits = split_logits(
-                            ddp(torch.cat([x, strong, weak]), perturb=len(weak)), len(x), len(strong))
-                    else:
-                        logits, strong_logits = split_logits(ddp(torch.cat([x, strong])), len(x))
+                    strong, targets = semi_views(teacher, next(u_batches)[0], rnd)
+                    logits, strong_logits = split_logits(ddp(torch.cat([x, strong])), len(x))
                 semi, confident = semi_loss(strong_logits, targets, args.semi_threshold)
-                if args.semi_fp:
-                    semi = (semi + semi_loss(fp_logits, weak_targets, args.semi_threshold)[0]) / 2
                 weight = args.semi * min(1.0, step / args.semi_rampup) if args.semi_rampup else args.semi
                 loss = segmentation_loss(logits, y) + weight * semi
                 terms = {"semi_loss": semi, "confident": confident}

@@ -1004,9 +1004,6 @@ DECODERS = {"linear": MultiscaleLinearDecoder, "conv": ConvDecoder, "segmenter":
             "deeplabv3plus": DeepLabV3PlusDecoder}
 
 
-FEATURE_DROPOUT = 0.5  # UniMatch's, on every feature map the decoder reads
-
-
 class SegmentationModel(nn.Module):
     """A backbone and a decoder on the blocks it reads. `frozen_backbone`: no gradients, eval mode (a linear
     probe); `full_res` adds `FullResolution` where features are coarser than the pixels."""
@@ -1035,15 +1032,10 @@ class SegmentationModel(nn.Module):
             self.backbone.eval()  # no dropout/drop-path in a frozen feature extractor
         return self
 
-    def forward(self, x, perturb=0):
-        """(B, C, H, W) -> logits (B, K, H, W) (in training, DeepLabV3+ also returns its auxiliary logits).
-        perturb: the last `perturb` samples' feature maps reach the decoder through Dropout2d (UniMatch's
-        feature perturbation)."""
+    def forward(self, x):
+        """(B, C, H, W) -> logits (B, K, H, W) (in training, DeepLabV3+ also returns its auxiliary logits)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
             features = self.backbone.intermediate_layers(x, self.blocks)
-        if perturb:
-            features = [(c, torch.cat([f[:-perturb], F.dropout2d(f[-perturb:], FEATURE_DROPOUT)]))
-                        for c, f in features]
         if self.full_res is None:
             return self.decoder(features, x.shape[-2:])
         logits = self.decoder(features, None)  # at the decoder's own resolution; the path upsamples
