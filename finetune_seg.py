@@ -69,6 +69,9 @@ def parse_args(argv=None):
                    "less confidence teach nothing")
     p.add_argument("--semi-rampup", type=int, default=0, help="with --semi: steps over which its weight grows "
                    "linearly from 0")
+    p.add_argument("--semi-mix", default="cutmix", choices=["cutmix", "classmix"], help="with --semi: what of the "
+                   "next tile the strong view pastes in: a box of half the side (CutMix), or the pixels of a random "
+                   "half of the classes the teacher predicts there (ClassMix)")
     common.add_run_args(p, out="runs/seg")
     return common.parse_with_preset(p, argv, PRESETS)
 
@@ -149,6 +152,16 @@ def cutmix_masks(u, size):
     return (rows[:, :, None] & cols[:, None, :])[:, None]
 
 
+def classmix_masks(pred, u):
+    """(B, 1, H, W) bool: per sample the pixels of the next sample whose class in `pred` (B, H, W) is among a
+    random half (rounded up) of the classes it holds, picked by the uniforms u (B, K) (ClassMix)."""
+    nxt = pred.roll(-1, 0).flatten(1)
+    present = F.one_hot(nxt, u.shape[1]).amax(1).bool()
+    rank = torch.where(present, u, 2.0).argsort(1).argsort(1)  # the present classes first, in random order
+    chosen = rank < (present.sum(1, keepdim=True) + 1) // 2
+    return chosen.gather(1, nxt).view_as(pred)[:, None]
+
+
 def cutmix(t, mask):
     """Inside each sample's box the next sample of the batch (the last one takes the first's): (B, ...)."""
     return torch.where(mask, t.roll(-1, 0), t)
@@ -165,11 +178,13 @@ def semi_loss(student_logits, teacher_probs, threshold):
 
 
 @torch.no_grad()
-def semi_views(teacher, x_u, rnd):
-    """The weak view x_u (B, C, H, W) (flipped tiles) -> the strong view (each tile with a box of the next
-    one pasted in) and the teacher's class probabilities on the weak view mixed with the same boxes."""
-    mask = cutmix_masks(rnd.uniform(2), x_u.shape[-1])
-    return cutmix(x_u, mask), cutmix(teacher(x_u).float().softmax(1), mask)
+def semi_views(teacher, x_u, rnd, mix="cutmix"):
+    """The weak view x_u (B, C, H, W) (flipped tiles) -> the strong view (each tile with part of the next one
+    pasted in: `mix`) and the teacher's class probabilities on the weak view mixed the same way."""
+    probs = teacher(x_u).float().softmax(1)
+    mask = (cutmix_masks(rnd.uniform(2), x_u.shape[-1]) if mix == "cutmix"
+            else classmix_masks(probs.argmax(1), rnd.uniform(probs.shape[1])))
+    return cutmix(x_u, mask), cutmix(probs, mask)
 
 
 def split_logits(logits, n):
@@ -293,7 +308,7 @@ def train(args, rank, world, device):
             else:  # labelled and strong views in one forward (one DDP reduction, shared BatchNorm statistics)
                 rnd = data.StepRandom(args.seed, step, rank, world, args.batch_size, device, stream=11)
                 with common.autocast(device, dtype):
-                    strong, targets = semi_views(teacher, next(u_batches)[0], rnd)
+                    strong, targets = semi_views(teacher, next(u_batches)[0], rnd, args.semi_mix)
                     logits, strong_logits = split_logits(ddp(torch.cat([x, strong])), len(x))
                 semi, confident = semi_loss(strong_logits, targets, args.semi_threshold)
                 weight = args.semi * min(1.0, step / args.semi_rampup) if args.semi_rampup else args.semi

@@ -287,22 +287,44 @@ def test_pixels_under_the_threshold_teach_nothing():
     assert finetune_seg.semi_loss(logits, probs, 0.99)[0].item() == 0.0
 
 
-def test_cutmix_targets_match_the_mixed_inputs():
+@pytest.mark.parametrize("mix", ["cutmix", "classmix"])
+def test_mixed_targets_match_the_mixed_inputs(mix):
     # A per-pixel model: its prediction on the mixed tiles is the mix of its predictions.
     torch.manual_seed(0)
     model = SegmentationModel(build_backbone("pixel", in_chans=5), "linear", 4).eval()
     x = torch.randn(3, 5, 8, 8)
     rnd = data.StepRandom(0, 0, 0, 1, 3, torch.device("cpu"))
-    strong, targets = finetune_seg.semi_views(model, x, rnd)
-    mask = finetune_seg.cutmix_masks(data.StepRandom(0, 0, 0, 1, 3, torch.device("cpu")).uniform(2), 8)
-    assert mask.sum((1, 2, 3)).tolist() == [16] * 3  # a 4 x 4 box per tile
+    strong, targets = finetune_seg.semi_views(model, x, rnd, mix)
+    u = data.StepRandom(0, 0, 0, 1, 3, torch.device("cpu"))
+    if mix == "cutmix":
+        mask = finetune_seg.cutmix_masks(u.uniform(2), 8)
+        assert mask.sum((1, 2, 3)).tolist() == [16] * 3  # a 4 x 4 box per tile
+    else:
+        mask = finetune_seg.classmix_masks(model(x).argmax(1), u.uniform(4))
+    assert mask.any() and not mask.all()
     torch.testing.assert_close(strong, torch.where(mask, x.roll(-1, 0), x))
     torch.testing.assert_close(targets, model(strong).softmax(1))
 
 
-def test_resume_with_semi_is_exact(tmp_path, monkeypatch):
+def test_classmix_pastes_whole_classes_of_the_next_tile():
+    pred = torch.zeros(3, 4, 4, dtype=torch.long)
+    pred[0, :, 2:] = 1  # tile 0: classes 0 and 1
+    pred[1] = torch.arange(4)[:, None]  # tile 1: classes 0-3, a row each
+    pred[2, 0, 0] = 2  # tile 2: classes 0 and 2
+    for seed in range(20):
+        mask = finetune_seg.classmix_masks(pred, torch.rand(3, 5, generator=torch.Generator().manual_seed(seed)))
+        for i in range(3):
+            nxt = pred[(i + 1) % 3]
+            pasted = nxt[mask[i, 0]].unique()
+            assert torch.equal(mask[i, 0], torch.isin(nxt, pasted))  # whole classes, nothing else
+            assert len(pasted) == (len(nxt.unique()) + 1) // 2  # half of its classes, rounded up
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "classmix"])
+def test_resume_with_semi_is_exact(tmp_path, monkeypatch, mix):
     scene = write_toy(tmp_path / "toy")
-    args = toy_args(scene, tmp_path / "full", "--steps", "6", "--eval-every", "6", "--semi", "1", "--ckpt-every", "3")
+    args = toy_args(scene, tmp_path / "full", "--steps", "6", "--eval-every", "6", "--semi", "1", "--ckpt-every", "3",
+                    "--semi-mix", mix)
     finetune_seg.main(args)
     real, calls = finetune_seg.semi_views, [0]
 
