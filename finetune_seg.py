@@ -163,7 +163,7 @@ def classmix_masks(pred, u):
 
 
 def cutmix(t, mask):
-    """Inside each sample's box the next sample of the batch (the last one takes the first's): (B, ...)."""
+    """Where each sample's mask is set, the next sample of the batch (the last one takes the first's): (B, ...)."""
     return torch.where(mask, t.roll(-1, 0), t)
 
 
